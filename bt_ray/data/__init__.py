@@ -1,0 +1,1 @@
+"""Data: sources, the synthetic safety world, and the training recipes."""

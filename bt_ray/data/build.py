@@ -1,0 +1,174 @@
+"""Build recipe datasets from sources, and render rows token by token for inspection.
+
+``build_dataset`` loads every configured source, turns the examples into rows of one recipe, mixes
+and shuffles them (seeded), and writes ``<out>.jsonl`` atomically with ``<out>.config.yaml`` (the
+resolved config) and ``<out>.summary.json`` (counts read / used / skipped by rule, per source and
+per recipe) beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bt_ray.config import check, dump, git_sha, to_dict
+from bt_ray.data.recipes import RecipeCfg, build_rows, trained_mask
+from bt_ray.data.records import LoadReport, PreferenceExample
+from bt_ray.data.synthetic import SyntheticWorldCfg, preference_examples, pretraining_examples
+from bt_ray.models import ModelCfg, load_tokenizer
+
+# Sources generated in-process rather than read from a file or hub.
+SYNTHETIC_SOURCES = ("synthetic", "synthetic-pretrain")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SourceCfg:
+    """One data source."""
+
+    name: str = "synthetic"
+    """Source name: synthetic, synthetic-pretrain, hh-rlhf, oasst2, safety-tuned-llamas."""
+    path: str | None = None
+    """Local file or directory, or hub id; null = $BT_RAY_DATA_DIR/<standard path>, else the hub."""
+    split: str = "train"
+    """Split of the synthetic world (train or dev); ignored by file sources."""
+    limit: int | None = None
+    """Use at most this many examples from the source (null = all)."""
+
+    def __post_init__(self):
+        check(self, [
+            ("name", bool(self.name), "must name a source"),
+            ("limit", self.limit is None or self.limit > 0, "must be > 0 or null"),
+        ])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataBuildCfg:
+    """``bt-ray data build``: sources -> recipe rows -> JSONL."""
+
+    model: ModelCfg = field(default_factory=ModelCfg)
+    """Model whose tokenizer encodes the rows."""
+    recipe: RecipeCfg = field(default_factory=RecipeCfg)
+    """Recipe and its knobs."""
+    sources: tuple[SourceCfg, ...] = (SourceCfg(),)
+    """Sources, all used and mixed."""
+    synthetic: SyntheticWorldCfg = field(default_factory=SyntheticWorldCfg)
+    """The synthetic safety world (used by the synthetic sources)."""
+    shuffle_seed: int | None = 0
+    """Seed of the shuffle after mixing sources; null keeps source order."""
+    out: str = "outputs/data/backtrack-sft.jsonl"
+    """Output JSONL path (config and summary are written beside it)."""
+
+    def __post_init__(self):
+        check(self, [
+            ("sources", len(self.sources) > 0, "must list at least one source"),
+            ("out", self.out.endswith(".jsonl"), "must be a .jsonl path"),
+        ])
+
+
+def load_source(
+    src: SourceCfg, synthetic_cfg: SyntheticWorldCfg
+) -> tuple[list[PreferenceExample], LoadReport]:
+    """Preference examples of one source, with its load report."""
+    if src.name == "synthetic":
+        if src.split not in ("train", "dev"):
+            raise ValueError(f"sources[].split must be 'train' or 'dev' for synthetic; got {src.split!r}")
+        examples, report = preference_examples(synthetic_cfg, split=src.split)
+    elif src.name == "synthetic-pretrain":
+        examples = pretraining_examples(synthetic_cfg)
+        report = LoadReport(source=src.name, origin=f"seed {synthetic_cfg.seed}")
+        report.num_read = report.num_used = len(examples)
+    else:
+        from bt_ray.data.sources import load_preferences
+
+        return load_preferences(src.name, src.path, limit=src.limit)
+    if src.limit is not None and len(examples) > src.limit:
+        report.num_used = src.limit
+        examples = examples[: src.limit]
+    return examples, report
+
+
+def build_dataset(cfg: DataBuildCfg, *, log=print) -> dict:
+    """Build the recipe's rows from every source and write them; returns the summary dict."""
+    tokenizer, reset = load_tokenizer(cfg.model)
+    examples: list[PreferenceExample] = []
+    source_reports = []
+    for src in cfg.sources:
+        got, report = load_source(src, cfg.synthetic)
+        log(f"source {report}")
+        examples.extend(got)
+        source_reports.append(report.to_dict())
+    rows, recipe_report = build_rows(examples, cfg.recipe, tokenizer, reset)
+    log(f"recipe {recipe_report}")
+    if cfg.shuffle_seed is not None:
+        random.Random(cfg.shuffle_seed).shuffle(rows)
+
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)  # readers never see a half-written file
+    config_path = dump(cfg, out.with_suffix(".config.yaml"))
+    summary = {
+        "out": str(out),
+        "config": str(config_path),
+        "git_sha": git_sha(),
+        "num_rows": len(rows),
+        "reset_token": reset.token,
+        "reset_token_id": reset.token_id,
+        "sources": source_reports,
+        "recipe": recipe_report.to_dict(),
+        "resolved_config": to_dict(cfg),
+    }
+    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"wrote {len(rows)} rows to {out} (config {config_path}, summary {out.with_suffix('.summary.json')})")
+    return summary
+
+
+# ---------------------------------------------------------------- inspection
+
+
+def render_row(row: dict, tokenizer) -> dict:
+    """A row with every token as ``{id, text, trained}``, by segment."""
+    masks = trained_mask(row)
+    rendered = {k: row[k] for k in ("recipe", "kind", "source", "location", "num_prefix_tokens")}
+    for segment, mask in masks.items():
+        ids = row[f"{segment}_ids"]
+        rendered[segment] = [
+            {"id": i, "text": tokenizer.decode([i], skip_special_tokens=False), "trained": t}
+            for i, t in zip(ids, mask)
+        ]
+    if "completion" in masks:
+        rendered["tokens"] = rendered["prompt"] + rendered["completion"]
+    return rendered
+
+
+def format_rendered(rendered: dict, *, color: bool = False) -> str:
+    """Human-readable view: untrained tokens in [brackets] (dim), trained ones plain (bold green)."""
+
+    def seg(tokens):
+        parts = []
+        for t in tokens:
+            text = t["text"].replace("\n", "\\n")
+            if color:
+                parts.append(f"\x1b[1;32m{text}\x1b[0m" if t["trained"] else f"\x1b[2m{text}\x1b[0m")
+            else:
+                parts.append(f"{text}" if t["trained"] else f"[{text}]")
+            parts.append("|")
+        return "".join(parts)
+
+    head = (
+        f"== {rendered['recipe']} / {rendered['kind']} / {rendered['location']} "
+        f"(prefix tokens: {rendered['num_prefix_tokens']})"
+    )
+    lines = [head]
+    for segment in ("prompt", "completion", "chosen", "rejected"):
+        if segment in rendered:
+            num_trained = sum(t["trained"] for t in rendered[segment])
+            lines.append(f"-- {segment} ({len(rendered[segment])} tokens, {num_trained} trained)")
+            lines.append(seg(rendered[segment]))
+    return "\n".join(lines)

@@ -1,0 +1,315 @@
+"""Training recipes (PAPER.md sections 3-4): baseline and backtracking, SFT and DPO.
+
+Every row is built at the token level, so no boundary is ever re-tokenized:
+
+* SFT rows: ``prompt_ids`` (chat prompt, plus ``prefix(y-)`` for a backtracking example) and
+  ``completion_ids`` (``[RESET]`` + y+ + end-of-turn, or y+ + end-of-turn). Only the completion is
+  trained on: the prompt and the unsafe prefix get no loss; ``[RESET]``, y+ and end-of-turn do.
+* DPO rows: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (TRL's own column names). The shared
+  prefix of a backtracking pair sits in the prompt, where it cancels in the DPO margin.
+
+Rows also carry the decoded text (``prompt``/``completion`` or ``prompt``/``chosen``/``rejected``)
+for reading; the ids are the truth, because re-tokenizing text would turn a literal "[RESET]" in
+user text into the control token.
+
+Recipes:
+
+* ``baseline-sft``: plain x -> y+ for every example.
+* ``backtrack-sft``: the plain term for every example, plus x + prefix(y-) -> [RESET] + y+ for each
+  harmful pair with a y- (the backtracking term).
+* ``baseline-dpo``: x, y+ over y-.
+* ``backtrack-dpo``: harmful pair: x + prefix(y-), ``[RESET]`` + y+ over the rest of y-;
+  safe pair: x + prefix(y+), the rest of y+ over ``[RESET]`` + y- (discourages needless resets).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bt_ray.config import check
+from bt_ray.data.records import PreferenceExample
+from bt_ray.reset import ResetInfo, encode_chat_prompt, encode_text, end_of_turn_ids
+
+RECIPES = ("baseline-sft", "backtrack-sft", "baseline-dpo", "backtrack-dpo")
+RecipeName = Literal["baseline-sft", "backtrack-sft", "baseline-dpo", "backtrack-dpo"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PrefixCfg:
+    """How the length k of prefix(y) is drawn: uniform over token positions, seeded per example."""
+
+    distribution: Literal["uniform"] = "uniform"
+    """Distribution of k over [ceil(min_fraction*n), floor(max_fraction*n)] (n = tokens in y)."""
+    min_fraction: float = 0.0
+    """Lower end of k as a fraction of the response length."""
+    max_fraction: float = 1.0
+    """Upper end of k as a fraction of the response length (1.0 allows the whole response)."""
+    include_empty: bool = False
+    """Allow k = 0 (reset before any unsafe token)."""
+    seed: int = 0
+    """Seed; k depends only on (seed, example location), not on order or sharding."""
+
+    def __post_init__(self):
+        check(self, [
+            ("min_fraction", 0.0 <= self.min_fraction <= 1.0, "must be in [0, 1]"),
+            ("max_fraction", 0.0 <= self.max_fraction <= 1.0, "must be in [0, 1]"),
+            ("max_fraction", self.max_fraction >= self.min_fraction, "must be >= min_fraction"),
+        ])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RecipeCfg:
+    """Which rows to build from preference examples."""
+
+    name: RecipeName = "backtrack-sft"
+    """baseline-sft, backtrack-sft, baseline-dpo or backtrack-dpo."""
+    prefix: PrefixCfg = field(default_factory=PrefixCfg)
+    """Prefix-length sampler for backtracking rows."""
+    judge_filter: Literal["off", "synthetic"] = "off"
+    """Judge deciding which pairs give backtracking rows (y- unsafe and y+ safe); off = the
+    source's own label (PreferenceExample.kind)."""
+    max_length: int = 2048
+    """Longest row in tokens. The prefix is shortened to fit; a row that cannot fit is skipped
+    and counted (never truncated: [RESET] and the start of y+ are always kept)."""
+
+    def __post_init__(self):
+        check(self, [("max_length", self.max_length >= 8, "must be >= 8")])
+
+
+@dataclass(slots=True)
+class RecipeReport:
+    """What a recipe made: rows by kind and examples left out by a named rule."""
+
+    recipe: str
+    num_examples: int = 0
+    rows: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict:
+        return {
+            "recipe": self.recipe,
+            "num_examples": self.num_examples,
+            "num_rows": sum(self.rows.values()),
+            "rows": dict(sorted(self.rows.items())),
+            "skipped": dict(sorted(self.skipped.items())),
+        }
+
+    def __str__(self) -> str:
+        rows = ", ".join(f"{k}={v}" for k, v in sorted(self.rows.items())) or "none"
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"{self.recipe}: {self.num_examples} examples -> rows {rows}; skipped by rule: {skipped}"
+
+
+def prefix_bounds(n: int, cfg: PrefixCfg) -> tuple[int, int]:
+    """Inclusive range of k for a response of ``n`` tokens (lo > hi means no valid k)."""
+    lo = math.ceil(cfg.min_fraction * n)
+    hi = math.floor(cfg.max_fraction * n)
+    if not cfg.include_empty:
+        lo = max(lo, 1)
+    return lo, hi
+
+
+def sample_prefix_length(n: int, cfg: PrefixCfg, key: str, *, cap: int | None = None) -> int | None:
+    """Draw k for a response of ``n`` tokens; deterministic in ``(cfg.seed, key)``.
+
+    Args:
+        n: tokens in the response the prefix is cut from.
+        cfg: the sampler's settings.
+        key: a stable id of the example (its location) plus the row type.
+        cap: largest k that still fits the row's length budget.
+
+    Returns:
+        k, or None when no k in the configured range fits.
+    """
+    lo, hi = prefix_bounds(n, cfg)
+    if cap is not None:
+        hi = min(hi, cap)
+    if lo > hi:
+        return None
+    return random.Random(f"{cfg.seed}:{key}").randint(lo, hi)
+
+
+def _judge_kind(example: PreferenceExample, judge: str) -> tuple[str | None, str | None]:
+    """(kind, skip_rule) for an example under the configured judge filter."""
+    if judge == "off" or example.rejected is None:
+        return example.kind, None
+    from bt_ray.data import synthetic
+
+    prompt = "\n".join(m.content for m in example.prompt if m.role == "user")
+    rejected_unsafe = synthetic.judge(prompt, example.rejected).unsafe
+    chosen_unsafe = synthetic.judge(prompt, example.chosen).unsafe
+    if chosen_unsafe:
+        return None, "judge_chosen_unsafe"
+    return ("harmful" if rejected_unsafe else "safe"), None
+
+
+class RecipeBuilder:
+    """Turns preference examples into token-level rows for one recipe and tokenizer."""
+
+    def __init__(self, cfg: RecipeCfg, tokenizer, reset: ResetInfo):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.reset = reset
+        self.eot = end_of_turn_ids(tokenizer)
+        self.report = RecipeReport(recipe=cfg.name)
+
+    def build(self, examples: list[PreferenceExample]) -> list[dict]:
+        rows: list[dict] = []
+        for example in examples:
+            rows.extend(self.rows_for(example))
+        return rows
+
+    def rows_for(self, example: PreferenceExample) -> list[dict]:
+        """Rows for one example (zero or more); skips are counted in ``self.report``."""
+        self.report.num_examples += 1
+        kind, rule = _judge_kind(example, self.cfg.judge_filter)
+        if rule is not None:
+            self.report.skipped[rule] += 1
+            return []
+        prompt_ids = encode_chat_prompt(self.tokenizer, example.prompt_dicts())
+        chosen_ids = encode_text(self.tokenizer, example.chosen)
+        rejected_ids = None if example.rejected is None else encode_text(self.tokenizer, example.rejected)
+        name = self.cfg.name
+        if name == "baseline-sft":
+            made = [self._plain_sft(example, prompt_ids, chosen_ids)]
+        elif name == "backtrack-sft":
+            made = [self._plain_sft(example, prompt_ids, chosen_ids)]
+            if kind == "harmful":
+                made.append(self._backtrack_sft(example, prompt_ids, chosen_ids, rejected_ids))
+        elif name == "baseline-dpo":
+            made = [self._plain_dpo(example, prompt_ids, chosen_ids, rejected_ids)]
+        else:
+            made = [self._backtrack_dpo(example, kind, prompt_ids, chosen_ids, rejected_ids)]
+        rows = [r for r in made if r is not None]
+        for r in rows:
+            self.report.rows[r["kind"]] += 1
+        return rows
+
+    # -- SFT
+
+    def _plain_sft(self, ex, prompt_ids, chosen_ids):
+        completion = chosen_ids + self.eot
+        if len(prompt_ids) + len(completion) > self.cfg.max_length:
+            self.report.skipped["too_long"] += 1
+            return None
+        return self._sft_row(ex, "plain", prompt_ids, completion, num_prefix_tokens=0)
+
+    def _backtrack_sft(self, ex, prompt_ids, chosen_ids, rejected_ids):
+        if not rejected_ids:
+            self.report.skipped["no_rejected" if rejected_ids is None else "empty_rejected"] += 1
+            return None
+        completion = [self.reset.token_id] + chosen_ids + self.eot
+        cap = self.cfg.max_length - len(prompt_ids) - len(completion)
+        k = sample_prefix_length(len(rejected_ids), self.cfg.prefix, f"{ex.location}:sft", cap=cap)
+        if k is None:
+            self.report.skipped["too_long"] += 1
+            return None
+        return self._sft_row(ex, "backtrack", prompt_ids + rejected_ids[:k], completion, num_prefix_tokens=k)
+
+    def _sft_row(self, ex, kind, prompt_ids, completion_ids, *, num_prefix_tokens):
+        return {
+            "recipe": self.cfg.name,
+            "kind": kind,
+            "source": ex.source,
+            "location": ex.location,
+            "num_prefix_tokens": num_prefix_tokens,
+            "prompt": self._text(prompt_ids),
+            "completion": self._text(completion_ids),
+            "prompt_ids": prompt_ids,
+            "completion_ids": completion_ids,
+        }
+
+    # -- DPO
+
+    def _plain_dpo(self, ex, prompt_ids, chosen_ids, rejected_ids):
+        if rejected_ids is None:
+            self.report.skipped["no_rejected"] += 1
+            return None
+        chosen, rejected = chosen_ids + self.eot, rejected_ids + self.eot
+        if len(prompt_ids) + max(len(chosen), len(rejected)) > self.cfg.max_length:
+            self.report.skipped["too_long"] += 1
+            return None
+        return self._dpo_row(ex, "plain", prompt_ids, chosen, rejected, num_prefix_tokens=0)
+
+    def _backtrack_dpo(self, ex, kind, prompt_ids, chosen_ids, rejected_ids):
+        if rejected_ids is None:
+            self.report.skipped["no_rejected"] += 1
+            return None
+        reset = [self.reset.token_id]
+        # harmful: the model has started y-; chosen resets, rejected carries on.
+        # safe: the model has started y+; chosen carries on, rejected resets needlessly.
+        started, other = (rejected_ids, chosen_ids) if kind == "harmful" else (chosen_ids, rejected_ids)
+        if not started:
+            self.report.skipped["empty_rejected" if kind == "harmful" else "empty_chosen"] += 1
+            return None
+        # Row length = prompt + k + max(reset branch, carry-on branch). The carry-on branch plus the
+        # prefix is always all of `started`, so only the reset branch limits k.
+        max_len = self.cfg.max_length
+        cap = max_len - len(prompt_ids) - (1 + len(other) + len(self.eot))
+        k = sample_prefix_length(len(started), self.cfg.prefix, f"{ex.location}:dpo-{kind}", cap=cap)
+        if k is None or len(prompt_ids) + len(started) + len(self.eot) > max_len:
+            self.report.skipped["too_long"] += 1
+            return None
+        carry_on = started[k:] + self.eot
+        reset_branch = reset + other + self.eot
+        chosen, rejected = (reset_branch, carry_on) if kind == "harmful" else (carry_on, reset_branch)
+        return self._dpo_row(
+            ex, f"backtrack-{kind}", prompt_ids + started[:k], chosen, rejected, num_prefix_tokens=k
+        )
+
+    def _dpo_row(self, ex, kind, prompt_ids, chosen_ids, rejected_ids, *, num_prefix_tokens):
+        return {
+            "recipe": self.cfg.name,
+            "kind": kind,
+            "source": ex.source,
+            "location": ex.location,
+            "num_prefix_tokens": num_prefix_tokens,
+            "prompt": self._text(prompt_ids),
+            "chosen": self._text(chosen_ids),
+            "rejected": self._text(rejected_ids),
+            "prompt_ids": prompt_ids,
+            "chosen_ids": chosen_ids,
+            "rejected_ids": rejected_ids,
+        }
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def build_rows(
+    examples: list[PreferenceExample], cfg: RecipeCfg, tokenizer, reset: ResetInfo
+) -> tuple[list[dict], RecipeReport]:
+    """Rows of recipe ``cfg.name`` for ``examples``, and the report of what was made and skipped."""
+    builder = RecipeBuilder(cfg, tokenizer, reset)
+    rows = builder.build(examples)
+    return rows, builder.report
+
+
+def is_dpo(recipe: str) -> bool:
+    return recipe.endswith("-dpo")
+
+
+def sft_features(row: dict) -> dict:
+    """A row as TRL's SFTTrainer takes pre-tokenized data (``input_ids`` + ``completion_mask``)."""
+    return {
+        "input_ids": row["prompt_ids"] + row["completion_ids"],
+        "completion_mask": [0] * len(row["prompt_ids"]) + [1] * len(row["completion_ids"]),
+    }
+
+
+def trained_mask(row: dict) -> dict[str, list[bool]]:
+    """Which tokens of a row carry loss, by segment (what ``bt-ray data inspect`` shows)."""
+    if "completion_ids" in row:
+        return {
+            "prompt": [False] * len(row["prompt_ids"]),
+            "completion": [True] * len(row["completion_ids"]),
+        }
+    return {
+        "prompt": [False] * len(row["prompt_ids"]),
+        "chosen": [True] * len(row["chosen_ids"]),
+        "rejected": [True] * len(row["rejected_ids"]),
+    }
