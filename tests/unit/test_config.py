@@ -76,7 +76,10 @@ def test_missing_config_file():
 def _config_classes():
     from bt_ray.demo import DemoCfg
 
-    return {"data": DataBuildCfg, "demo": DemoCfg}
+    classes = {"data": DataBuildCfg, "demo": DemoCfg}
+    # train: config classes of jobs/sft.py and jobs/dpo.py are added here (prefixes sft_, dpo_)
+    # eval: config classes of jobs/eval.py are added here (prefix eval_)
+    return classes
 
 
 def test_every_yaml_under_jobs_configs_and_clusters_validates():
