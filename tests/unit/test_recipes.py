@@ -7,7 +7,6 @@ from collections import Counter
 import pytest
 
 from bt_ray.config import ConfigError
-from bt_ray.data.records import Message, PreferenceExample
 from bt_ray.data.recipes import (
     PrefixCfg,
     RecipeCfg,
@@ -17,6 +16,7 @@ from bt_ray.data.recipes import (
     sft_features,
     trained_mask,
 )
+from bt_ray.data.records import Message, PreferenceExample
 from bt_ray.reset import encode_chat_prompt, encode_text, end_of_turn_ids
 
 HARMFUL = PreferenceExample(
