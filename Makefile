@@ -30,7 +30,7 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath .cache/torch_extensions)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-slow lint lock clean
+.PHONY: venv demo test test-slow bench lint lock clean
 
 venv: $(STAMP)
 
@@ -59,6 +59,10 @@ test: $(STAMP) lint
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/eval_throughput.py
 
 # Pin what is installed now (run after changing dependencies and passing make test).
 lock: $(STAMP)

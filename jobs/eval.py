@@ -1,0 +1,168 @@
+"""Evaluate one or more models: safety sets and the synthetic world through the backtracking decoder.
+
+Run as:
+    python jobs/eval.py --config jobs/configs/eval_tiny_synthetic.yaml [dotted.key=value ...]
+    bt-ray eval --config jobs/configs/eval_tiny_synthetic.yaml models='[outputs/demo/sft, outputs/demo/dpo]'
+
+For each model (a preset or an HF directory): the Ray Data pipeline (generate on an actor pool ->
+backtracking post-processing -> judge) writes <run_dir>/<label>/main/rows.jsonl and metrics.json;
+optional worst-of-k sampling and a [RESET] bias sweep add their own rows and a trade-off plot. One
+MLflow run per model (children of one parent when there are several) with identical metric names;
+the store is $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db. summary.json ties it together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+from bt_ray import config
+from bt_ray.eval.config import EvalCfg
+from bt_ray.eval.engines import resolve_kind
+from bt_ray.eval.metrics import worst_of_k
+from bt_ray.eval.pipeline import evaluate_model, expand, load_items
+from bt_ray.eval.report import flat_metrics, plot_sweep, side_by_side, sweep_point
+from bt_ray.models import PRESETS
+
+
+def parse_args(argv=None) -> EvalCfg:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help="YAML config (EvalCfg)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. decode.reset_bias=-5")
+    args = parser.parse_args(argv)
+    return config.load(EvalCfg, args.config, args.overrides)
+
+
+def labels_of(cfg: EvalCfg) -> list[str]:
+    """Model names for tables and runs; also checks that local model paths exist (before Ray starts)."""
+    for i, name in enumerate(cfg.models):
+        local = name.startswith(("/", "./", "../", "~")) or Path(name).is_absolute()
+        if name not in PRESETS and not Path(name).expanduser().is_dir() and (local or name.count("/") != 1):
+            raise ValueError(f"models[{i}] must be a preset ({', '.join(PRESETS)}), an HF directory or a hub "
+                             f"id owner/name; got {name!r} (no such directory)")
+    if cfg.labels:
+        return list(cfg.labels)
+    labels = [Path(m).name or m for m in cfg.models]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"models have clashing directory names {labels}; set labels to name them")
+    return labels
+
+
+def setup_mlflow(cfg: EvalCfg, run_dir: Path):
+    """The MLflow store (env wins, else sqlite under the run dir) and experiment with explicit artifacts."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(cfg.mlflow_experiment)
+    if experiment is None:
+        artifacts = (run_dir / "mlflow-artifacts").resolve().as_uri()
+        mlflow.create_experiment(cfg.mlflow_experiment, artifact_location=artifacts)
+    mlflow.set_experiment(cfg.mlflow_experiment)
+    print(f"-- MLflow store {uri}, experiment {cfg.mlflow_experiment} (mlflow ui --backend-store-uri {uri})")
+    return mlflow
+
+
+def evaluate_one(cfg: EvalCfg, name: str, out: Path, items: list[dict]) -> tuple[dict, list[dict]]:
+    """Main evaluation, then worst-of-k and the bias sweep when configured; returns metrics and sweep."""
+    model = dataclasses.replace(cfg.model, name=name)
+    run = dict(model=model, engine=cfg.engine, judge=cfg.judge)
+    # ---- 1. main table: greedy (by default) through the backtracking decoder
+    metrics = evaluate_model(expand(items), out / "main", decode=cfg.decode, **run)
+    # ---- 2. worst-of-k under temperature sampling, harmful prompts only
+    if cfg.worst_of_k:
+        harmful = [it for it in items if it["harmful"]]
+        sampled = dataclasses.replace(cfg.decode, temperature=cfg.worst_of_k_temperature)
+        evaluate_model(expand(harmful, max(cfg.worst_of_k)), out / "worst_of_k", decode=sampled, **run)
+        rows = [json.loads(line) for line in (out / "worst_of_k" / "rows.jsonl").read_text().splitlines()]
+        metrics["worst_of_k"] = worst_of_k(rows, cfg.worst_of_k)
+    # ---- 3. [RESET] bias sweep: safety vs efficiency
+    sweep = []
+    for b in cfg.bias_sweep:
+        decode = dataclasses.replace(cfg.decode, reset_bias=b)
+        point_metrics = evaluate_model(expand(items), out / f"bias_{b:+g}", decode=decode, **run)
+        sweep.append(sweep_point(b, point_metrics))
+    if sweep:
+        metrics["bias_sweep"] = sweep
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics, sweep
+
+
+def main(cfg: EvalCfg) -> dict:
+    import ray
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = config.dump(cfg, run_dir / "config.yaml")
+    engine = resolve_kind(cfg.engine.kind)
+    print(f"== bt-ray eval -> {run_dir.resolve()} (engine {engine})")
+    labels = labels_of(cfg)
+    if not ray.is_initialized():
+        ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
+    mlflow = setup_mlflow(cfg, run_dir)
+    items = load_items(cfg)
+    print(f"-- {len(items)} prompts: " + ", ".join(f"{d.name}" + (f"[:{d.limit}]" if d.limit else "")
+                                                  for d in cfg.datasets))
+    params = {k: str(v)[:500] for k, v in config.flatten(config.to_dict(cfg)).items()}
+    params["engine.resolved"] = engine
+
+    results, sweeps, run_ids = {}, {}, {}
+    parent = mlflow.start_run(run_name=f"eval:{run_dir.name}") if len(labels) > 1 else None
+    try:
+        for label, name in zip(labels, cfg.models):
+            t0 = time.perf_counter()
+            with mlflow.start_run(run_name=label, nested=parent is not None) as run:
+                mlflow.log_params(params | {"model.name": name, "model.label": label})
+                try:
+                    metrics, sweep = evaluate_one(cfg, name, run_dir / label, items)
+                except Exception:
+                    mlflow.end_run(status="FAILED")
+                    raise
+                mlflow.log_metrics(flat_metrics(metrics))
+                for i, point in enumerate(sweep):
+                    mlflow.log_metrics({f"sweep.{k}": v for k, v in point.items() if v is not None}, step=i)
+                if sweep:
+                    sweeps[label] = sweep
+                    png = plot_sweep({label: sweep}, run_dir / label / "bias_sweep.png")
+                    mlflow.log_artifact(str(png))
+                mlflow.log_artifact(str(run_dir / label / "main" / "rows.jsonl"))
+                mlflow.log_artifact(str(run_dir / label / "metrics.json"))
+                mlflow.log_artifact(str(config_path))
+                run_ids[label] = run.info.run_id
+            results[label] = metrics
+            speed = metrics["throughput"]["output_tokens_per_s"]
+            print(f"-- {label}: {metrics['num_rows']} rows, {metrics['num_errors']} errors, "
+                  f"{speed:.1f} tok/s, {time.perf_counter() - t0:.0f}s -> {run_dir / label}")
+    finally:
+        if parent is not None:
+            mlflow.end_run()
+
+    figures = []
+    if len(sweeps) > 1:
+        figures.append(str(plot_sweep(sweeps, run_dir / "bias_sweep.png")))
+    figures += [str(run_dir / label / "bias_sweep.png") for label in sweeps]
+    table = side_by_side(results)
+    print(table)
+    summary = {
+        "run_dir": str(run_dir),
+        "config": str(config_path),
+        "engine": engine,
+        "models": {label: {"name": name, "rows": str(run_dir / label / "main" / "rows.jsonl"),
+                           "metrics": results[label], "mlflow_run_id": run_ids[label]}
+                   for label, name in zip(labels, cfg.models)},
+        "mlflow": {"tracking_uri": mlflow.get_tracking_uri(), "experiment": cfg.mlflow_experiment,
+                   "parent_run_id": parent.info.run_id if parent else None},
+        "figures": figures,
+        "table": table,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"== done: {run_dir / 'summary.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,73 @@
+"""Training configs: bad input is an error before any worker starts, naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from bt_ray import config
+from bt_ray.config import ConfigError
+from bt_ray.train.batch import plan_batch
+from bt_ray.train.config import DeepSpeedCfg, DPOJobCfg, SFTJobCfg
+from bt_ray.train.deepspeed import deepspeed_config
+from bt_ray.train.driver import preflight
+from tests.conftest import REPO
+
+
+def test_zero_stage_4_is_rejected():
+    with pytest.raises(ConfigError, match=r"override deepspeed.zero_stage must be one of 0, 1, 2, 3; got 4"):
+        config.load(SFTJobCfg, None, ["deepspeed.zero_stage=4"])
+
+
+def test_several_problems_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        config.load(SFTJobCfg, None, ["deepspeed.offload_param=true", "scaling.num_workers=0",
+                                      "data.recipe=backtrack-dpo", "optim.learning_rate=0"])
+    msg = str(e.value)
+    assert "deepspeed.offload_param needs zero_stage 3" in msg
+    assert "scaling.num_workers must be >= 1" in msg
+    assert "optim.learning_rate must be > 0" in msg
+    assert "data.recipe must be baseline-sft or backtrack-sft for SFT" in msg
+
+
+def test_indivisible_global_batch_fails_in_preflight():
+    cfg = config.load(SFTJobCfg, None, ["optim.global_batch_size=10", "optim.micro_batch_size=null",
+                                        "scaling.num_workers=4"])
+    with pytest.raises(ValueError, match="not divisible by scaling.num_workers=4"):
+        preflight(cfg)
+
+
+def test_dpo_with_missing_sft_checkpoint_fails_in_preflight(tmp_path):
+    cfg = config.load(DPOJobCfg, REPO / "jobs/configs/dpo_tiny_demo.yaml",
+                      [f"model.name={tmp_path / 'no-such-sft'}"])
+    with pytest.raises(ValueError, match=r"model.name must be the HF directory of the SFT checkpoint"):
+        preflight(cfg)
+
+
+def test_bf16_on_cpu_and_missing_data_file_fail_in_preflight(tmp_path):
+    with pytest.raises(ValueError, match=r"deepspeed.precision='bf16' needs scaling.use_gpu=true"):
+        preflight(config.load(SFTJobCfg, None, ["deepspeed.precision=bf16", "optim.global_batch_size=8"]))
+    with pytest.raises(ValueError, match="data.path must be an existing JSONL file"):
+        preflight(config.load(SFTJobCfg, None, [f"data.path={tmp_path / 'x.jsonl'}",
+                                                "optim.global_batch_size=8"]))
+
+
+def test_deepspeed_config_per_stage():
+    plan = plan_batch(32, 2, 4)
+    z2 = deepspeed_config(DeepSpeedCfg(zero_stage=2), plan, use_gpu=False, max_grad_norm=1.0)
+    assert z2["train_batch_size"] == 32 and z2["train_micro_batch_size_per_gpu"] == 4
+    assert z2["gradient_accumulation_steps"] == 4
+    assert z2["zero_optimization"]["stage"] == 2 and not z2["bf16"]["enabled"]
+    assert "optimizer" not in z2  # HF's torch AdamW: nothing to JIT-compile on CPU
+    z3 = deepspeed_config(DeepSpeedCfg(zero_stage=3, offload_optimizer=True, offload_param=True), plan,
+                          use_gpu=True, max_grad_norm=1.0)
+    zero = z3["zero_optimization"]
+    assert zero["stage3_gather_16bit_weights_on_model_save"] and z3["bf16"]["enabled"]
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert z3["optimizer"]["type"] == "AdamW"
+
+
+def test_every_train_yaml_has_a_valid_batch_split():
+    for path in sorted(REPO.glob("jobs/configs/sft_*.yaml")) + sorted(REPO.glob("jobs/configs/dpo_*.yaml")):
+        cls = SFTJobCfg if path.name.startswith("sft_") else DPOJobCfg
+        cfg = config.load(cls, path)
+        plan_batch(cfg.optim.global_batch_size, cfg.scaling.num_workers, cfg.optim.micro_batch_size)
