@@ -289,10 +289,6 @@ def build_rows(
     return rows, builder.report
 
 
-def is_dpo(recipe: str) -> bool:
-    return recipe.endswith("-dpo")
-
-
 def sft_features(row: dict) -> dict:
     """A row as TRL's SFTTrainer takes pre-tokenized data (``input_ids`` + ``completion_mask``)."""
     return {
