@@ -278,14 +278,34 @@ class ResetLogitsProcessor:
         self.bias = float(bias)
         self.max_resets = max_resets
         self.prompt_length = prompt_length
+        # Resets per row, kept up to date from the one new id of each step (a full recount when the
+        # call is not the next step of the same generation), so a step costs O(batch), not O(length).
+        self._num_resets_B: torch.Tensor | None = None
+        self._seen_length = -1
+
+    def _count_resets(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        length = input_ids_BT.shape[1]
+        known = self._num_resets_B
+        if known is not None and length == self._seen_length + 1 and known.shape[0] == input_ids_BT.shape[0]:
+            known = known + (input_ids_BT[:, -1] == self.reset_id)
+        else:
+            known = (input_ids_BT[:, self.prompt_length :] == self.reset_id).sum(dim=1)
+        self._num_resets_B, self._seen_length = known, length
+        return known
 
     def __call__(self, input_ids_BT: torch.Tensor, scores_BV: torch.Tensor) -> torch.Tensor:
+        blocked_B = None
+        if self.max_resets is not None:
+            blocked_B = self._count_resets(input_ids_BT) >= self.max_resets
+            if not bool(blocked_B.any()):
+                blocked_B = None
+        if not self.bias and blocked_B is None:
+            return scores_BV  # nothing to change: no copy of the logits
         scores_BV = scores_BV.clone()
         if self.bias:
             scores_BV[:, self.reset_id] += self.bias
-        if self.max_resets is not None:
-            num_resets_B = (input_ids_BT[:, self.prompt_length :] == self.reset_id).sum(dim=1)
-            scores_BV[num_resets_B >= self.max_resets, self.reset_id] = float("-inf")
+        if blocked_B is not None:
+            scores_BV[blocked_B, self.reset_id] = float("-inf")
         return scores_BV
 
 
