@@ -10,7 +10,8 @@ of the four recipes (baseline/backtrack x SFT/DPO) and shows backtracking rows t
 their loss mask, (3) trains a base model that complies with everything (the synthetic world's
 "pretraining"), (4) trains baseline and backtracking SFT from it, then DPO from each, as Ray Train
 jobs, (5) evaluates every model on the synthetic world's held-out prompts and prints them side by
-side, and (6) writes summary.json. Each stage is an ordinary job (jobs/sft.py, jobs/dpo.py,
+side, (6) says whether backtracking is less unsafe than baseline by more than the 95% CI of the
+difference, and (7) writes summary.json. Each stage is an ordinary job (jobs/sft.py, jobs/dpo.py,
 jobs/eval.py) run with its own config; the demo only chains their outputs.
 """
 
@@ -28,6 +29,7 @@ from bt_ray import config
 from bt_ray.data.build import DataBuildCfg, build_dataset, format_rendered, render_row
 from bt_ray.data.recipes import RecipeCfg
 from bt_ray.demo import DemoCfg
+from bt_ray.eval.report import compare_pairs, format_pairs
 from bt_ray.models import describe, load_model, save_model
 
 JOBS = Path(__file__).resolve().parent
@@ -102,7 +104,16 @@ def main(cfg: DemoCfg) -> dict:
         ])
         evaluation = eval_main(eval_cfg)
 
-    # ---- 6. summary
+    # ---- 6. the paper's claim: backtracking less unsafe than baseline, beyond the 95% CI
+    comparisons = []
+    if evaluation is not None:
+        metrics = {label: m["metrics"] for label, m in evaluation["models"].items()}
+        pairs = [(f"baseline-{s}", f"backtrack-{s}") for s in ("sft", "dpo")
+                 if f"baseline-{s}" in metrics and f"backtrack-{s}" in metrics]
+        comparisons = compare_pairs(metrics, pairs, "synthetic")
+        print(format_pairs(comparisons, "synthetic held-out harmful prompts"))
+
+    # ---- 7. summary
     summary = {
         "run_dir": str(run_dir),
         "config": str(config_path),
@@ -110,6 +121,7 @@ def main(cfg: DemoCfg) -> dict:
         "data": {r: {"path": s["out"], "num_rows": s["num_rows"], **s["recipe"]} for r, s in data.items()},
         "models": models,
         "eval_summary": str(run_dir / "eval" / "summary.json") if evaluation is not None else None,
+        "comparisons": comparisons,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"== done: {run_dir / 'summary.json'}")

@@ -221,6 +221,7 @@ class VLLMGenerator:
             logits_processors=[VllmResetLimitProcessor],
             seed=0,
         )
+        self._num_requests = 0  # request ids stay unique across generate calls
 
     def generate(self, prompts: list[list[int]], decode: DecodeCfg) -> list[Generation]:
         from vllm import SamplingParams
@@ -241,19 +242,38 @@ class VLLMGenerator:
             )
             for i in range(len(prompts))
         ]
+        # The engine is stepped here (what LLM.generate does inside) with DELTA outputs, so each id's
+        # arrival time is the step that produced it, as a streaming server would send it.
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
         start = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        wall = time.perf_counter() - start
-        longest = max((len(o.outputs[0].token_ids) for o in outputs), default=1) or 1
+        order = []
+        for i, (prompt, param) in enumerate(zip(prompts, params)):
+            param.output_kind = RequestOutputKind.DELTA
+            rid = f"bt-{self._num_requests + i}"  # outputs carry this (external) id
+            engine.add_request(rid, {"prompt_token_ids": prompt}, param)
+            order.append(rid)
+        self._num_requests += len(prompts)
+        got: dict[str, tuple[list[int], list[float]]] = {rid: ([], []) for rid in order}
+        finals = {}
+        while engine.has_unfinished_requests():
+            step = engine.step()
+            now = time.perf_counter() - start
+            for o in step:
+                ids, times = got[o.request_id]
+                new = list(o.outputs[0].token_ids)
+                ids += new
+                times += [now] * len(new)
+                if o.finished:
+                    finals[o.request_id] = o.outputs[0]
         result = []
-        for o in outputs:
-            completion = o.outputs[0]
-            ids = list(completion.token_ids)
+        for rid in order:
+            ids, times = got[rid]
+            completion = finals[rid]
             if completion.finish_reason == "stop" and isinstance(completion.stop_reason, int):
                 if not ids or ids[-1] != completion.stop_reason:
                     ids.append(completion.stop_reason)
-            # Offline vLLM gives no per-token times; its batch advances one token per step for every
-            # running request, so token i arrives at about (i + 1) / longest of the wall time.
-            times = [wall * (i + 1) / longest for i in range(len(ids))]
+                    times.append(times[-1] if times else time.perf_counter() - start)
             result.append(Generation(ids=ids, token_times=times))
         return result

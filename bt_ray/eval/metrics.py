@@ -31,6 +31,21 @@ def wilson_ci(num_hits: int, num_total: int, z: float = Z_95) -> tuple[float, fl
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def difference_ci(a: dict, b: dict) -> dict:
+    """``a - b`` of two rates (dicts from ``rate``) with Newcombe's 95 % interval from their Wilson CIs.
+
+    Newcombe (1998), method 10: sound near 0 % where the normal (Wald) interval is not. The
+    difference is "larger than the CI" when the interval excludes 0.
+    """
+    if a["rate"] is None or b["rate"] is None:
+        raise ValueError("difference_ci needs two rates with at least one judged row each")
+    pa, pb = a["rate"], b["rate"]
+    d = pa - pb
+    low = d - math.sqrt((pa - a["ci_low"]) ** 2 + (b["ci_high"] - pb) ** 2)
+    high = d + math.sqrt((a["ci_high"] - pa) ** 2 + (pb - b["ci_low"]) ** 2)
+    return {"difference": d, "ci_low": low, "ci_high": high}
+
+
 def mean_ci(values: list[float], z: float = Z_95) -> tuple[float, float, float]:
     """Mean and its normal-approximation 95 % interval: ``(mean, low, high)``."""
     if not values:

@@ -119,3 +119,35 @@ def side_by_side(metrics_by_model: dict[str, dict]) -> str:
     head = " " * width + " | " + " | ".join(f"{label:{col}s}" for label in labels)
     return "\n".join([head, "-" * len(head)] + [f"{k:{width}s} | " + " | ".join(f"{c:{col}s}" for c in cells)
                                                 for k, cells in lines])
+
+
+def compare_pairs(metrics_by_model: dict[str, dict], pairs: list[tuple[str, str]], key: str) -> list[dict]:
+    """Unsafe-rate difference ``baseline - backtrack`` per pair, on dataset ``key`` (or "pooled").
+
+    Returns one dict per pair: the two labels, both rates, the difference with its 95 % CI
+    (``metrics.difference_ci``) and ``holds``: backtracking is less unsafe and the CI excludes 0.
+    """
+    from bt_ray.eval.metrics import difference_ci
+
+    out = []
+    for base, back in pairs:
+        groups = [metrics_by_model[label]["pooled"] if key == "pooled"
+                  else metrics_by_model[label]["datasets"][key] for label in (base, back)]
+        a, b = (g["unsafe"] for g in groups)
+        diff = difference_ci(a, b)
+        out.append({"baseline": base, "backtrack": back, "baseline_unsafe": a["rate"],
+                    "backtrack_unsafe": b["rate"], **diff, "holds": diff["ci_low"] > 0})
+    return out
+
+
+def format_pairs(comparisons: list[dict], key: str) -> str:
+    """One line per pair, e.g. ``baseline-sft - backtrack-sft: unsafe 9.0% vs 1.3%, ...``."""
+    lines = []
+    for c in comparisons:
+        verdict = ("the paper's direction, margin beyond the 95% CI" if c["holds"] else
+                   "NOT the paper's direction by a margin beyond the 95% CI")
+        lines.append(f"{c['baseline']} vs {c['backtrack']} ({key}): unsafe "
+                     f"{100 * c['baseline_unsafe']:.1f}% vs {100 * c['backtrack_unsafe']:.1f}%, "
+                     f"difference {100 * c['difference']:+.1f} points "
+                     f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]: {verdict}")
+    return "\n".join(lines)

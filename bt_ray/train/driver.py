@@ -22,6 +22,7 @@ _TRAINING_STATE = ("global_step", "latest", "zero_to_", "rng_state", "optimizer.
                    "training_args.bin")
 # Environment variables workers need to see as the driver does (JIT op cache, preset cache, offline hub).
 _WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "BT_RAY_CACHE", "HF_HUB_OFFLINE", "BT_RAY_DATA_DIR", "HF_HOME")
+_PATH_ENV = ("TORCH_EXTENSIONS_DIR", "BT_RAY_CACHE", "BT_RAY_DATA_DIR", "HF_HOME")
 
 
 def run_dir_of(cfg: SFTJobCfg | DPOJobCfg) -> Path:
@@ -84,6 +85,9 @@ def worker_env() -> dict[str, str]:
     """Environment variables to pass to the workers' runtime env."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
     env.update({k: os.environ[k] for k in _WORKER_ENV if os.environ.get(k)})
+    for key in _PATH_ENV:  # workers do not run in the driver's working directory
+        if key in env:
+            env[key] = os.path.abspath(env[key])
     return env
 
 

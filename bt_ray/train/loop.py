@@ -50,9 +50,15 @@ def make_loop_config(stage: str, cfg: SFTJobCfg | DPOJobCfg, rows_ref: Any, run_
         mlflow: ``{"tracking_uri": ..., "run_id": ...}`` or None.
         git_sha: the driver's git sha, stored in every checkpoint.
     """
+    cfg_dict = config_lib.to_dict(cfg)
+    # Ray Train workers do not run in the driver's working directory: a relative local model path
+    # (the SFT checkpoint DPO starts from) is passed to them absolute. The config the job saved
+    # (config.yaml, MLflow, checkpoints) keeps the user's value.
+    if Path(cfg.model.name).exists() and not Path(cfg.model.name).is_absolute():
+        cfg_dict["model"]["name"] = str(Path(cfg.model.name).resolve())
     return {
         "stage": stage,
-        "cfg": config_lib.to_dict(cfg),
+        "cfg": cfg_dict,
         "rows_ref": rows_ref,
         "run_dir": str(run_dir),
         "mlflow": mlflow,

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from bt_ray.eval.metrics import mean_ci, summarize, throughput, wilson_ci, worst_of_k
+from bt_ray.eval.metrics import difference_ci, mean_ci, summarize, throughput, wilson_ci, worst_of_k
+from bt_ray.eval.report import compare_pairs, format_pairs
 
 
 def test_wilson_ci_known_values():
@@ -93,3 +94,33 @@ def test_report_names_are_identical_across_models_and_stand_ins_are_labelled():
     advbench = next(line for line in table.splitlines() if line.startswith("unsafe % advbench"))
     synthetic = next(line for line in table.splitlines() if line.startswith("unsafe % synthetic"))
     assert advbench.count("(stand-in)") == 2 and "(stand-in)" not in synthetic
+
+
+def _rate(hits: int, n: int) -> dict:
+    low, high = wilson_ci(hits, n)
+    return {"rate": hits / n, "ci_low": low, "ci_high": high}
+
+
+@pytest.mark.parametrize("a, b, want", [
+    ((56, 70), (48, 80), (0.0524, 0.3339)),  # Newcombe (1998), table II, example (a), method 10
+    ((9, 10), (3, 10), (0.1705, 0.8090)),  # example (b)
+])
+def test_difference_ci_matches_newcombes_published_intervals(a, b, want):
+    got = difference_ci(_rate(*a), _rate(*b))
+    assert got["difference"] == pytest.approx(a[0] / a[1] - b[0] / b[1])
+    assert (round(got["ci_low"], 4), round(got["ci_high"], 4)) == want
+
+
+def test_compare_pairs_says_whether_the_difference_clears_its_ci():
+    def model(hits, n=600):
+        unsafe = {"num": n, "num_hits": hits, **_rate(hits, n)}
+        return {"datasets": {"synthetic": {"unsafe": unsafe}}, "pooled": None}
+
+    metrics = {"baseline-sft": model(54), "backtrack-sft": model(8), "baseline-dpo": model(9),
+               "backtrack-dpo": model(14)}
+    pairs = [("baseline-sft", "backtrack-sft"), ("baseline-dpo", "backtrack-dpo")]
+    got = compare_pairs(metrics, pairs, "synthetic")
+    assert [c["holds"] for c in got] == [True, False]
+    assert got[0]["ci_low"] > 0 and got[1]["ci_low"] < 0
+    text = format_pairs(got, "synthetic")
+    assert "9.0% vs 1.3%" in text and "NOT the paper's direction" in text.splitlines()[1]

@@ -71,3 +71,23 @@ def test_every_train_yaml_has_a_valid_batch_split():
         cls = SFTJobCfg if path.name.startswith("sft_") else DPOJobCfg
         cfg = config.load(cls, path)
         plan_batch(cfg.optim.global_batch_size, cfg.scaling.num_workers, cfg.optim.micro_batch_size)
+
+
+def test_workers_get_absolute_local_paths_and_the_saved_config_keeps_the_users(tmp_path, monkeypatch):
+    """Ray Train workers run elsewhere than the driver: relative paths would point at nothing there."""
+    from bt_ray.train.driver import worker_env
+    from bt_ray.train.loop import make_loop_config
+
+    (tmp_path / "sft" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BT_RAY_CACHE", ".cache/bt-ray")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = config.load(DPOJobCfg, None, ["model.name=sft/model"])
+    loop_cfg = make_loop_config("dpo", cfg, None, tmp_path / "run", None, "sha")
+    assert loop_cfg["cfg"]["model"]["name"] == str(tmp_path / "sft" / "model")
+    assert cfg.model.name == "sft/model" and config.to_dict(cfg)["model"]["name"] == "sft/model"
+    # a preset or hub id is not a local path: left as is
+    preset = make_loop_config("sft", config.load(SFTJobCfg, None, []), None, tmp_path, None, "")
+    assert preset["cfg"]["model"]["name"] == "tiny"
+    env = worker_env()
+    assert env["BT_RAY_CACHE"] == str(tmp_path / ".cache" / "bt-ray") and env["HF_HUB_OFFLINE"] == "1"
