@@ -78,6 +78,19 @@ def test_both_engines_honour_bias_and_max_resets(engines, max_resets):
     assert [g.ids for g in hf.generate(prompts, decode)] == [g.ids for g in vllm.generate(prompts, decode)]
 
 
+def test_vllm_token_times_come_from_engine_steps(engines):
+    """One arrival time per id, non-decreasing, ids of one request arriving at distinct steps."""
+    hf, vllm = engines
+    prompts = _prompts(hf.tokenizer)
+    for engine in (hf, vllm):
+        for g in engine.generate(prompts, DecodeCfg(max_new_tokens=16)):
+            assert len(g.token_times) == len(g.ids) > 1
+            assert all(a <= b for a, b in zip(g.token_times, g.token_times[1:]))
+            # decode makes one id per step: the ids before the stop id each arrive at their own step
+            body = g.token_times[: len(g.ids) - (g.ids[-1] in engine.stop_ids)]
+            assert len(set(body)) == len(body), g.token_times
+
+
 def test_negative_bias_suppresses_resets_and_bad_args_fail_the_request_only(engines):
     _, vllm = engines
     prompts = _prompts(vllm.tokenizer)
