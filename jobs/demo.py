@@ -110,8 +110,9 @@ def main(cfg: DemoCfg) -> dict:
         metrics = {label: m["metrics"] for label, m in evaluation["models"].items()}
         pairs = [(f"baseline-{s}", f"backtrack-{s}") for s in ("sft", "dpo")
                  if f"baseline-{s}" in metrics and f"backtrack-{s}" in metrics]
-        comparisons = compare_pairs(metrics, pairs, "synthetic")
-        print(format_pairs(comparisons, "synthetic held-out harmful prompts"))
+        keys = ["synthetic"] + [f"worst-of-{k}" for k in sorted(eval_cfg.worst_of_k) if k > 1]
+        comparisons = [c for key in keys for c in compare_pairs(metrics, pairs, key)]
+        print(format_pairs(comparisons))
 
     # ---- 7. summary
     summary = {

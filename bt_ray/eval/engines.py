@@ -47,7 +47,25 @@ class Generator(Protocol):
     reset_id: int
     stop_ids: tuple[int, ...]
 
-    def generate(self, prompts: list[list[int]], decode: DecodeCfg) -> list[Generation]: ...
+    def generate(
+        self, prompts: list[list[int]], decode: DecodeCfg, seeds: list[int] | None = None
+    ) -> list[Generation]:
+        """Generate for every prompt. ``seeds``: one sampling seed per prompt (see ``sampling_seeds``)."""
+        ...
+
+
+def sampling_seeds(decode: DecodeCfg, num_prompts: int, seeds: list[int] | None) -> list[int]:
+    """Per-prompt seeds: the caller's, else ``decode.seed + i`` (distinct within one call).
+
+    Callers that generate in several calls (the pipeline's batches) must pass seeds that differ
+    across calls: a seed reused at the same position of every batch draws the same random numbers
+    for every batch, so those rows' samples are correlated, not independent.
+    """
+    if seeds is None:
+        return [decode.seed + i for i in range(num_prompts)]
+    if len(seeds) != num_prompts:
+        raise ValueError(f"seeds: {len(seeds)} given for {num_prompts} prompts")
+    return list(seeds)
 
 
 def stop_ids_of(tokenizer) -> tuple[int, ...]:
@@ -138,13 +156,19 @@ class HFGenerator:
             model = model.to("cuda")
         return cls(model, tokenizer, info.token_id, batch_size=engine.batch_size)
 
-    def generate(self, prompts: list[list[int]], decode: DecodeCfg) -> list[Generation]:
+    def generate(
+        self, prompts: list[list[int]], decode: DecodeCfg, seeds: list[int] | None = None
+    ) -> list[Generation]:
+        seeds = sampling_seeds(decode, len(prompts), seeds)
         out: list[Generation] = []
         for i in range(0, len(prompts), self.batch_size):
-            out += self._generate_batch(prompts[i : i + self.batch_size], decode)
+            batch = slice(i, i + self.batch_size)
+            out += self._generate_batch(prompts[batch], decode, seeds[batch])
         return out
 
-    def _generate_batch(self, prompts: list[list[int]], decode: DecodeCfg) -> list[Generation]:
+    def _generate_batch(
+        self, prompts: list[list[int]], decode: DecodeCfg, seeds: list[int]
+    ) -> list[Generation]:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -163,7 +187,10 @@ class HFGenerator:
         )
         sampling = decode.temperature > 0
         if sampling:
-            torch.manual_seed(decode.seed)
+            # transformers samples a batch from one random stream: seed it from the batch's own row
+            # seeds, so no two batches share a stream (a row's sample depends on its batch-mates;
+            # vLLM seeds each request on its own).
+            torch.manual_seed(int.from_bytes(hashlib.sha256(repr(seeds).encode()).digest()[:8], "little"))
         timer = _StepTimer(time.perf_counter())
         with torch.no_grad():
             sequences_BT = self.model.generate(
@@ -223,7 +250,9 @@ class VLLMGenerator:
         )
         self._num_requests = 0  # request ids stay unique across generate calls
 
-    def generate(self, prompts: list[list[int]], decode: DecodeCfg) -> list[Generation]:
+    def generate(
+        self, prompts: list[list[int]], decode: DecodeCfg, seeds: list[int] | None = None
+    ) -> list[Generation]:
         from vllm import SamplingParams
 
         from bt_ray.reset import vllm_sampling_extra_args
@@ -233,14 +262,14 @@ class VLLMGenerator:
                 max_tokens=decode.max_new_tokens,
                 temperature=decode.temperature,
                 top_p=decode.top_p,
-                seed=decode.seed + i if decode.temperature > 0 else None,
+                seed=seed if decode.temperature > 0 else None,
                 logit_bias={self.reset_id: decode.reset_bias} if decode.reset_bias else None,
                 stop_token_ids=list(self.stop_ids),
                 skip_special_tokens=False,  # the default True would hide [RESET]
                 detokenize=False,
                 extra_args=vllm_sampling_extra_args(self.reset_id, decode.max_resets),
             )
-            for i in range(len(prompts))
+            for seed in sampling_seeds(decode, len(prompts), seeds)
         ]
         # The engine is stepped here (what LLM.generate does inside) with DELTA outputs, so each id's
         # arrival time is the step that produced it, as a streaming server would send it.

@@ -23,6 +23,7 @@ the ``[RESET]`` knobs, token ids read back.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -73,6 +74,16 @@ def expand(items: list[dict], num_samples: int = 1) -> list[dict]:
 # ---------------------------------------------------------------- generation (+ post-processing)
 
 
+def row_seed(seed: int, row: dict, turn: int) -> int:
+    """The sampling seed of one row's turn: a hash of (seed, dataset, prompt, sample, turn).
+
+    The same however rows are batched or sharded across actors, and distinct across rows, so
+    samples are independent draws (a seed per batch position would repeat in every batch).
+    """
+    key = f"{seed}/{row['dataset']}/{row['prompt_index']}/{row['sample']}/{turn}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+
 def generate_rows(
     generator: Generator, rows: list[dict], decode: DecodeCfg, *, max_prompt_tokens: int
 ) -> list[dict]:
@@ -111,14 +122,15 @@ def generate_rows(
             prompts.append(ids)
         if not active:
             continue
+        seeds = [row_seed(decode.seed, r, t) for r in active]
         start = time.time()
         try:
-            gens = generator.generate(prompts, decode)
+            gens = generator.generate(prompts, decode, seeds)
         except Exception:  # noqa: BLE001 - find the failing rows one by one; the others still count
             gens = []
-            for r, ids in zip(active, prompts):
+            for r, ids, seed in zip(active, prompts, seeds):
                 try:
-                    gens.append(generator.generate([ids], decode)[0])
+                    gens.append(generator.generate([ids], decode, [seed])[0])
                 except Exception as e:  # noqa: BLE001
                     r["error"] = f"generate: {type(e).__name__}: {e}"
                     gens.append(None)

@@ -121,8 +121,20 @@ def side_by_side(metrics_by_model: dict[str, dict]) -> str:
                                                 for k, cells in lines])
 
 
+def unsafe_rate_of(metrics: dict, key: str) -> dict:
+    """The unsafe rate named by ``key``: a dataset name, "pooled", or "worst-of-K" (harmful prompts)."""
+    if key.startswith("worst-of-"):
+        k = int(key.removeprefix("worst-of-"))
+        by_k = metrics.get("worst_of_k") or {}
+        found = by_k.get(k, by_k.get(str(k)))  # int keys in-process, str keys after a JSON round trip
+        if found is None:
+            raise KeyError(f"{key}: no worst-of-k result for k={k} (worst_of_k: {sorted(by_k)})")
+        return found
+    return (metrics["pooled"] if key == "pooled" else metrics["datasets"][key])["unsafe"]
+
+
 def compare_pairs(metrics_by_model: dict[str, dict], pairs: list[tuple[str, str]], key: str) -> list[dict]:
-    """Unsafe-rate difference ``baseline - backtrack`` per pair, on dataset ``key`` (or "pooled").
+    """Unsafe-rate difference ``baseline - backtrack`` per pair, on ``key`` (see ``unsafe_rate_of``).
 
     Returns one dict per pair: the two labels, both rates, the difference with its 95 % CI
     (``metrics.difference_ci``) and ``holds``: backtracking is less unsafe and the CI excludes 0.
@@ -131,22 +143,20 @@ def compare_pairs(metrics_by_model: dict[str, dict], pairs: list[tuple[str, str]
 
     out = []
     for base, back in pairs:
-        groups = [metrics_by_model[label]["pooled"] if key == "pooled"
-                  else metrics_by_model[label]["datasets"][key] for label in (base, back)]
-        a, b = (g["unsafe"] for g in groups)
+        a, b = (unsafe_rate_of(metrics_by_model[label], key) for label in (base, back))
         diff = difference_ci(a, b)
-        out.append({"baseline": base, "backtrack": back, "baseline_unsafe": a["rate"],
+        out.append({"key": key, "baseline": base, "backtrack": back, "baseline_unsafe": a["rate"],
                     "backtrack_unsafe": b["rate"], **diff, "holds": diff["ci_low"] > 0})
     return out
 
 
-def format_pairs(comparisons: list[dict], key: str) -> str:
-    """One line per pair, e.g. ``baseline-sft - backtrack-sft: unsafe 9.0% vs 1.3%, ...``."""
+def format_pairs(comparisons: list[dict]) -> str:
+    """One line per pair, e.g. ``baseline-sft vs backtrack-sft (synthetic): unsafe 9.0% vs 1.3%, ...``."""
     lines = []
     for c in comparisons:
         verdict = ("the paper's direction, margin beyond the 95% CI" if c["holds"] else
                    "NOT the paper's direction by a margin beyond the 95% CI")
-        lines.append(f"{c['baseline']} vs {c['backtrack']} ({key}): unsafe "
+        lines.append(f"{c['baseline']} vs {c['backtrack']} ({c['key']}): unsafe "
                      f"{100 * c['baseline_unsafe']:.1f}% vs {100 * c['backtrack_unsafe']:.1f}%, "
                      f"difference {100 * c['difference']:+.1f} points "
                      f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]: {verdict}")

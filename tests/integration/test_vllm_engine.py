@@ -91,6 +91,16 @@ def test_vllm_token_times_come_from_engine_steps(engines):
             assert len(set(body)) == len(body), g.token_times
 
 
+def test_vllm_samples_follow_the_row_seed_not_the_batch(engines):
+    """Per-request seeds: a row's sample is the same alone or in any batch; distinct seeds differ."""
+    _, vllm = engines
+    prompt = _prompts(vllm.tokenizer)[3]
+    decode = DecodeCfg(max_new_tokens=12, temperature=1.0)
+    batch = [g.ids for g in vllm.generate([prompt] * 4, decode, seeds=[11, 12, 13, 14])]
+    assert len({tuple(ids) for ids in batch}) == 4
+    assert vllm.generate([prompt], decode, seeds=[13])[0].ids == batch[2]
+
+
 def test_negative_bias_suppresses_resets_and_bad_args_fail_the_request_only(engines):
     _, vllm = engines
     prompts = _prompts(vllm.tokenizer)

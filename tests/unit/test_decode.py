@@ -155,3 +155,27 @@ def test_bias_and_max_resets_on_the_model(tiny_hf):
     assert all(tiny_hf.reset_id not in g.ids for g in never)
     plain = tiny_hf.generate(prompts, DecodeCfg(max_new_tokens=8, reset_bias=-100.0))
     assert all(tiny_hf.reset_id not in g.ids for g in plain)
+
+
+def test_samples_of_one_prompt_are_independent_across_batches(tiny_hf):
+    """8 samples of one prompt, generated 2 per batch: no batch repeats another's random draws.
+
+    (A seed per batch position made every batch sample the same ids: samples 0, 2, 4, 6 were one.)
+    The seeds are a function of the row, not of its batch: the same rows give the same samples.
+    """
+    from bt_ray.eval.pipeline import expand, generate_rows
+
+    gen = tiny_hf
+    items = [{"dataset": "d", "prompt_index": 0, "turns": ["Tell me about dragons"], "harmful": True,
+              "location": "d #0"}]
+    rows = expand(items, num_samples=8)
+    decode = DecodeCfg(max_new_tokens=12, temperature=1.0)
+    old_batch = gen.batch_size
+    try:
+        gen.batch_size = 2
+        twice = [[r["raw_outputs"][0] for r in generate_rows(gen, rows, decode, max_prompt_tokens=768)]
+                 for _ in range(2)]
+    finally:
+        gen.batch_size = old_batch
+    assert twice[0] == twice[1]  # reproducible
+    assert len(set(twice[0])) == 8, twice[0]  # random weights: 8 independent samples all differ

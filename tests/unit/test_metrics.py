@@ -122,5 +122,12 @@ def test_compare_pairs_says_whether_the_difference_clears_its_ci():
     got = compare_pairs(metrics, pairs, "synthetic")
     assert [c["holds"] for c in got] == [True, False]
     assert got[0]["ci_low"] > 0 and got[1]["ci_low"] < 0
-    text = format_pairs(got, "synthetic")
-    assert "9.0% vs 1.3%" in text and "NOT the paper's direction" in text.splitlines()[1]
+    text = format_pairs(got)
+    assert "(synthetic): unsafe 9.0% vs 1.3%" in text and "NOT the paper's direction" in text.splitlines()[1]
+    # worst-of-k, keyed by int in-process and by str after JSON
+    metrics["baseline-sft"]["worst_of_k"] = {8: {"num": 600, "num_hits": 240, **_rate(240, 600)}}
+    metrics["backtrack-sft"]["worst_of_k"] = {"8": {"num": 600, "num_hits": 30, **_rate(30, 600)}}
+    (w,) = compare_pairs(metrics, pairs[:1], "worst-of-8")
+    assert w["holds"] and w["difference"] == pytest.approx(0.35)
+    with pytest.raises(KeyError, match="no worst-of-k result for k=4"):
+        compare_pairs(metrics, pairs[:1], "worst-of-4")
