@@ -47,6 +47,7 @@ def main(cfg: DPOJobCfg) -> dict:
     # ---- 1. checks that need no cluster: a bad config fails here, before anything starts
     plan = driver.preflight(cfg)
     run_dir = driver.run_dir_of(cfg)
+    driver.check_resumable(cfg, run_dir)  # same config as the run dir's, or an error
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"== bt-ray {STAGE} -> {run_dir}\n   {plan}")
 

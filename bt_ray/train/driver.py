@@ -12,6 +12,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+from bt_ray import config
 from bt_ray.train.batch import BatchPlan, plan_batch
 from bt_ray.train.callbacks import CHECKPOINT_PREFIX
 from bt_ray.train.config import DPOJobCfg, SFTJobCfg, TrainDataCfg
@@ -56,6 +57,36 @@ def preflight(cfg: SFTJobCfg | DPOJobCfg) -> BatchPlan:
         raise ValueError(f"data.path must be an existing JSONL file; got {cfg.data.path!r} "
                          "(build it with bt-ray data build, or set data.path=null to build on the driver)")
     return plan
+
+
+# Settings a run may change between a stop and its resume: they touch neither the model nor the data.
+RESUMABLE_KEYS = frozenset({
+    "run.max_failures", "run.num_to_keep", "run.logging_steps", "scaling.cpus_per_worker",
+    "scaling.torch_threads", "mlflow.enabled", "mlflow.tracking_uri", "mlflow.experiment",
+})
+
+
+def check_resumable(cfg: SFTJobCfg | DPOJobCfg, run_dir: Path) -> None:
+    """A run dir is resumed (or found finished) only with the config that made it.
+
+    Raises:
+        ValueError: ``<run dir>/config.yaml`` differs in a setting outside ``RESUMABLE_KEYS``; every
+            difference is listed (a changed learning rate must never reuse the old model).
+    """
+    import yaml
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old = config.flatten(yaml.safe_load(saved.read_text()) or {})
+    new = config.flatten(config.to_dict(cfg))
+    diffs = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+             for k in sorted(set(old) | set(new)) if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)]
+    if diffs:
+        raise ValueError(
+            f"{run_dir} holds a run made with another config ({saved}):\n  " + "\n  ".join(diffs)
+            + "\nchoose another run.name (or run.root), or delete that run dir to start over"
+        )
 
 
 def check_cluster(cfg: SFTJobCfg | DPOJobCfg) -> None:

@@ -91,3 +91,20 @@ def test_workers_get_absolute_local_paths_and_the_saved_config_keeps_the_users(t
     assert preset["cfg"]["model"]["name"] == "tiny"
     env = worker_env()
     assert env["BT_RAY_CACHE"] == str(tmp_path / ".cache" / "bt-ray") and env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_run_dir_is_resumed_only_with_its_own_config(tmp_path):
+    from bt_ray.train.driver import check_resumable
+
+    cfg = config.load(SFTJobCfg, None, [])
+    check_resumable(cfg, tmp_path)  # nothing saved yet
+    config.dump(cfg, tmp_path / "config.yaml")
+    check_resumable(cfg, tmp_path)
+    check_resumable(config.load(SFTJobCfg, None, ["run.max_failures=3", "mlflow.enabled=false"]), tmp_path)
+    changed = config.load(SFTJobCfg, None, ["optim.learning_rate=0.5", "data.recipe=baseline-sft"])
+    with pytest.raises(ValueError) as e:
+        check_resumable(changed, tmp_path)
+    msg = str(e.value)
+    assert "optim.learning_rate: 2e-05 -> 0.5" in msg
+    assert "data.recipe: 'backtrack-sft' -> 'baseline-sft'" in msg
+    assert "choose another run.name" in msg
