@@ -78,17 +78,38 @@ def test_both_engines_honour_bias_and_max_resets(engines, max_resets):
     assert [g.ids for g in hf.generate(prompts, decode)] == [g.ids for g in vllm.generate(prompts, decode)]
 
 
-def test_vllm_token_times_come_from_engine_steps(engines):
-    """One arrival time per id, non-decreasing, ids of one request arriving at distinct steps."""
+def test_vllm_token_times_are_the_steps_a_stream_delivers_them_at(engines):
+    """Each id is dated by the engine step that produced it: the same steps a DELTA stream gives."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
     hf, vllm = engines
     prompts = _prompts(hf.tokenizer)
-    for engine in (hf, vllm):
-        for g in engine.generate(prompts, DecodeCfg(max_new_tokens=16)):
-            assert len(g.token_times) == len(g.ids) > 1
+    decode = DecodeCfg(max_new_tokens=16)
+    gens = vllm.generate(prompts, decode)
+    steps = vllm.last_step_times
+    got = [[steps.index(t) for t in g.token_times] for g in gens]
+    # ground truth: the same requests streamed, each id stamped with the step that returned it
+    engine = vllm.llm.llm_engine
+    for i, p in enumerate(prompts):
+        params = SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=list(vllm.stop_ids),
+                                detokenize=False, skip_special_tokens=False,
+                                output_kind=RequestOutputKind.DELTA)
+        engine.add_request(f"stream-{i}", {"prompt_token_ids": p}, params)
+    want = {f"stream-{i}": [] for i in range(len(prompts))}
+    step = 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            want[o.request_id] += [step] * len(o.outputs[0].token_ids)
+        step += 1
+    for g, got_steps, want_steps in zip(gens, got, want.values()):
+        n = len(want_steps)
+        assert got_steps[:n] == want_steps, (got_steps, want_steps)
+        assert got_steps[n:] == [want_steps[-1]] * (len(g.ids) - n)  # a stop id vLLM leaves out
+    for engine_ in (hf, vllm):  # one time per id, never decreasing
+        for g in engine_.generate(prompts, decode):
+            assert len(g.token_times) == len(g.ids)
             assert all(a <= b for a, b in zip(g.token_times, g.token_times[1:]))
-            # decode makes one id per step: the ids before the stop id each arrive at their own step
-            body = g.token_times[: len(g.ids) - (g.ids[-1] in engine.stop_ids)]
-            assert len(set(body)) == len(body), g.token_times
 
 
 def test_vllm_samples_follow_the_row_seed_not_the_batch(engines):
