@@ -271,15 +271,11 @@ def run_pipeline(rows: list[dict], *, model: ModelCfg, engine: EngineCfg, decode
         num_gpus=engine.num_gpus_per_actor if heavy_judge else 0,
     )
     # Wait for the whole pool before handing out batches: an actor that loads faster would
-    # otherwise take most of the work while the others are still starting.
-    ctx = ray.data.DataContext.get_current()
-    saved_wait = ctx.wait_for_min_actors_s
-    ctx.wait_for_min_actors_s = engine.actor_start_timeout_s
+    # otherwise take most of the work while the others are still starting. (The dataset holds its
+    # own copy of the DataContext, taken when it was created: set it there.)
+    ds.context.wait_for_min_actors_s = engine.actor_start_timeout_s
     start = time.perf_counter()
-    try:
-        done = [json.loads(r["payload"]) for r in ds.take_all()]
-    finally:
-        ctx.wait_for_min_actors_s = saved_wait
+    done = [json.loads(r["payload"]) for r in ds.take_all()]
     wall = time.perf_counter() - start
     done.sort(key=lambda r: r["index"])
     assert [r["index"] for r in done] == [r["index"] for r in sorted(rows, key=lambda r: r["index"])], \

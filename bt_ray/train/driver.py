@@ -22,8 +22,9 @@ from bt_ray.train.deepspeed import resolve_precision
 _TRAINING_STATE = ("global_step", "latest", "zero_to_", "rng_state", "optimizer.pt", "scheduler.pt",
                    "training_args.bin")
 # Environment variables workers need to see as the driver does (JIT op cache, preset cache, offline hub).
-_WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "BT_RAY_CACHE", "HF_HUB_OFFLINE", "BT_RAY_DATA_DIR", "HF_HOME")
+# The path-valued ones are passed absolute: workers do not run in the driver's working directory.
 _PATH_ENV = ("TORCH_EXTENSIONS_DIR", "BT_RAY_CACHE", "BT_RAY_DATA_DIR", "HF_HOME")
+_WORKER_ENV = (*_PATH_ENV, "HF_HUB_OFFLINE")
 
 
 def run_dir_of(cfg: SFTJobCfg | DPOJobCfg) -> Path:
@@ -116,7 +117,7 @@ def worker_env() -> dict[str, str]:
     """Environment variables to pass to the workers' runtime env."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
     env.update({k: os.environ[k] for k in _WORKER_ENV if os.environ.get(k)})
-    for key in _PATH_ENV:  # workers do not run in the driver's working directory
+    for key in _PATH_ENV:
         if key in env:
             env[key] = os.path.abspath(env[key])
     return env

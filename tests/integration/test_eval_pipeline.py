@@ -114,3 +114,20 @@ def test_pipeline_hf_two_actors(ray_cluster, shared_datasets, tmp_path, judge_ur
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_pipeline_vllm_two_actors(ray_cluster, shared_datasets, tmp_path, judge_url):
     _check_run(tmp_path, _items(shared_datasets), "vllm", judge_url)
+
+
+def test_pipeline_waits_for_every_actor_and_fails_when_they_cannot_start(ray_cluster):
+    """Batches go out only once the whole pool is up; a pool that cannot start in time is an error.
+
+    Loading transformers and the model in a fresh actor takes seconds, so a 1 s limit must trip.
+    """
+    import ray
+
+    from bt_ray.eval.pipeline import run_pipeline
+
+    items = [{"dataset": "synthetic", "prompt_index": 0, "location": "x", "category": "", "harmful": False,
+              "turns": ["hi"]}]
+    engine = EngineCfg(kind="hf", num_actors=2, batch_size=1, num_cpus_per_actor=1.0, actor_start_timeout_s=1)
+    with pytest.raises(ray.exceptions.GetTimeoutError, match="Timed out while starting actors"):
+        run_pipeline(expand(items), model=ModelCfg(), engine=engine, decode=DecodeCfg(max_new_tokens=2),
+                     judge=JudgeCfg())

@@ -165,17 +165,16 @@ def test_samples_of_one_prompt_are_independent_across_batches(tiny_hf):
     """
     from bt_ray.eval.pipeline import expand, generate_rows
 
-    gen = tiny_hf
     items = [{"dataset": "d", "prompt_index": 0, "turns": ["Tell me about dragons"], "harmful": True,
               "location": "d #0"}]
     rows = expand(items, num_samples=8)
     decode = DecodeCfg(max_new_tokens=12, temperature=1.0)
-    old_batch = gen.batch_size
+    old_batch = tiny_hf.batch_size
     try:
-        gen.batch_size = 2
-        twice = [[r["raw_outputs"][0] for r in generate_rows(gen, rows, decode, max_prompt_tokens=768)]
+        tiny_hf.batch_size = 2
+        twice = [[r["raw_outputs"][0] for r in generate_rows(tiny_hf, rows, decode, max_prompt_tokens=768)]
                  for _ in range(2)]
     finally:
-        gen.batch_size = old_batch
+        tiny_hf.batch_size = old_batch
     assert twice[0] == twice[1]  # reproducible
     assert len(set(twice[0])) == 8, twice[0]  # random weights: 8 independent samples all differ
