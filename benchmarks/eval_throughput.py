@@ -73,7 +73,8 @@ def bench_engine(kind: str, items: list[dict], decode: DecodeCfg, args) -> float
 
     rows = expand(items)
     engine = EngineCfg(kind=kind, num_actors=args.num_actors, batch_size=args.batch_size,
-                       num_cpus_per_actor=1.0, vllm_kv_cache_memory_bytes=512 << 20)
+                       num_cpus_per_actor=1.0, vllm_kv_cache_memory_bytes=512 << 20,
+                       actor_start_timeout_s=600 if kind == "vllm" else 0)  # as eval_demo.yaml does
     gen = HFGenerator.from_cfg(ModelCfg(), engine) if kind == "hf" else VLLMGenerator(ModelCfg(), engine)
     generate_rows(gen, rows[:4], decode, max_prompt_tokens=768)  # warm-up
 
@@ -128,7 +129,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-actors", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of in-process runs (best kept)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of in-process runs (best kept)")
     args = parser.parse_args()
     engines = ["hf", "vllm"] if args.engine == "both" else [args.engine]
     if "vllm" in engines and importlib.util.find_spec("vllm") is None:

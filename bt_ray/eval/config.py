@@ -55,9 +55,11 @@ class EngineCfg:
     """Logical CPUs each generation actor asks Ray for."""
     num_gpus_per_actor: float = 0.0
     """GPUs each generation actor asks Ray for (0 on CPU machines)."""
-    actor_start_timeout_s: int = 1800
-    """Every generation actor is up (model loaded) before the first batch is handed out, so the
-    work spreads evenly; a cluster that cannot start them all in this time is an error."""
+    actor_start_timeout_s: int = 0
+    """> 0: every generation actor is up (model loaded) before the first batch is handed out, so
+    actors that load slowly (vLLM: 10-60 s) do not leave the work to the first one up; a cluster
+    that cannot start them all in this time is an error. 0: batches go out as actors come up
+    (Ray Data's default; on 2 CPU cores it measured faster for quick-loading HF actors)."""
     max_prompt_tokens: int = 768
     """Longer prompts are an error for that row (recorded, the run goes on)."""
     vllm_max_model_len: int = 1024
@@ -73,7 +75,7 @@ class EngineCfg:
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("num_cpus_per_actor", self.num_cpus_per_actor >= 0, "must be >= 0"),
             ("num_gpus_per_actor", self.num_gpus_per_actor >= 0, "must be >= 0"),
-            ("actor_start_timeout_s", self.actor_start_timeout_s >= 1, "must be >= 1"),
+            ("actor_start_timeout_s", self.actor_start_timeout_s >= 0, "must be >= 0"),
             ("max_prompt_tokens", self.max_prompt_tokens >= 1, "must be >= 1"),
             ("vllm_max_model_len", self.vllm_max_model_len >= 64, "must be >= 64"),
             ("vllm_kv_cache_memory_bytes", self.vllm_kv_cache_memory_bytes >= 1 << 20, "must be >= 1 MiB"),

@@ -270,10 +270,8 @@ def run_pipeline(rows: list[dict], *, model: ModelCfg, engine: EngineCfg, decode
         num_cpus=engine.num_cpus_per_actor if heavy_judge else 0.25,
         num_gpus=engine.num_gpus_per_actor if heavy_judge else 0,
     )
-    # Wait for the whole pool before handing out batches: an actor that loads faster would
-    # otherwise take most of the work while the others are still starting. (The dataset holds its
-    # own copy of the DataContext, taken when it was created: set it there.)
-    ds.context.wait_for_min_actors_s = engine.actor_start_timeout_s
+    if engine.actor_start_timeout_s > 0:  # the dataset holds its own copy of the DataContext: set it there
+        ds.context.wait_for_min_actors_s = engine.actor_start_timeout_s
     start = time.perf_counter()
     done = [json.loads(r["payload"]) for r in ds.take_all()]
     wall = time.perf_counter() - start
