@@ -231,6 +231,16 @@ class SyntheticWorldCfg:
         ])
 
 
+# The fields that decide which (template, task) pairs are held out of training: two configs that agree
+# on these give disjoint training and evaluation prompts (``split_key``).
+SPLIT_FIELDS = ("seed", "heldout_templates", "heldout_template_fraction", "eval_reserved_fraction")
+
+
+def split_key(cfg: SyntheticWorldCfg) -> dict:
+    """The split-defining fields of a world config (compare a model's training world with eval's)."""
+    return {name: getattr(cfg, name) for name in SPLIT_FIELDS}
+
+
 def _rng(cfg: SyntheticWorldCfg, stream: str) -> random.Random:
     # String seeds are hashed with SHA-512 by random.seed, so streams are stable across processes.
     return random.Random(f"bt-ray-synthetic:{cfg.seed}:{stream}")

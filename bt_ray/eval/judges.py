@@ -297,3 +297,29 @@ class LLMJudge:
             except RuntimeError as e:
                 out.append(Verdict(unsafe=None, error=str(e)))
         return out
+
+
+# ---------------------------------------------------------------- factory
+
+
+def build_safety_judge(cfg, *, engine=None, dtype: str = "float32") -> Judge:
+    """The safety judge ``cfg.safety`` names (a ``JudgeCfg``): used by evaluation and by the data
+    recipes' judge filter, so both judge with the same thing.
+
+    Args:
+        cfg: a ``bt_ray.eval.config.JudgeCfg``.
+        engine: the ``EngineCfg`` Llama Guard generates with (default: ``EngineCfg()``).
+        dtype: parameter dtype of a judge model.
+    """
+    from bt_ray.eval.config import EngineCfg
+
+    if cfg.safety == "llama-guard-2":
+        from bt_ray.eval.engines import build_generator
+        from bt_ray.models import ModelCfg
+
+        lg_cfg = ModelCfg(name=cfg.llama_guard_model, dtype=dtype)
+        return LlamaGuard2Judge(build_generator(lg_cfg, engine or EngineCfg()),
+                                max_new_tokens=cfg.llama_guard_max_new_tokens)
+    if cfg.safety == "llm":
+        return LLMJudge(cfg.llm, "strongreject")
+    return RefusalPrefixJudge()

@@ -35,10 +35,9 @@ from bt_ray.eval.judges import (
     JUDGE_VERSION,
     Judge,
     JudgeItem,
-    LlamaGuard2Judge,
     LLMJudge,
-    RefusalPrefixJudge,
     SyntheticJudge,
+    build_safety_judge,
 )
 from bt_ray.models import ModelCfg
 from bt_ray.reset import backtrack_output, encode_chat_prompt, raw_text, shown_text
@@ -179,14 +178,7 @@ class GenerateStage:
 
 def build_judges(judge: JudgeCfg, model: ModelCfg, engine: EngineCfg) -> dict[str, Judge | None]:
     """The judge of each kind of row: ``synthetic``, ``safety`` (real sets), ``helpfulness`` (MT-Bench)."""
-    if judge.safety == "llama-guard-2":
-        lg_cfg = ModelCfg(name=judge.llama_guard_model, dtype=model.dtype)
-        safety: Judge = LlamaGuard2Judge(build_generator(lg_cfg, engine),
-                                         max_new_tokens=judge.llama_guard_max_new_tokens)
-    elif judge.safety == "llm":
-        safety = LLMJudge(judge.llm, "strongreject")
-    else:
-        safety = RefusalPrefixJudge()
+    safety = build_safety_judge(judge, engine=engine, dtype=model.dtype)
     return {
         "synthetic": SyntheticJudge() if judge.synthetic_exact else safety,
         "safety": safety,
