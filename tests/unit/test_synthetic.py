@@ -178,3 +178,42 @@ def test_config_validation_reports_all_errors():
 def test_eval_capacity_error():
     with pytest.raises(ValueError, match="distinct"):
         eval_prompts(SyntheticWorldCfg(num_eval_prompts=100_000))
+
+
+def test_dev_split_shares_no_prompt_or_cluster_with_training():
+    # Review B10: 89 of 200 dev prompts appeared verbatim in the 1000-pair train split (seed 0).
+    cfg = SyntheticWorldCfg(num_train_pairs=1000, num_dev_pairs=200, num_pretrain_examples=1000)
+    train, dev = preference_examples(cfg)[0], preference_examples(cfg, "dev")[0]
+    pretrain, ev = pretraining_examples(cfg), eval_prompts(dataclasses.replace(cfg, num_eval_prompts=400))[0]
+    train_texts = {m.content for e in train + pretrain for m in e.prompt if m.role == "user"}
+    dev_requests = [e.prompt[-1].content for e in dev]
+    assert not set(dev_requests) & train_texts
+    dev_clusters = {e.meta["cluster"] for e in dev}
+    assert not dev_clusters & {e.meta["cluster"] for e in train + pretrain}
+    assert not dev_clusters & {p.meta["cluster"] for p in ev}
+    assert len(dev_clusters) > 100
+
+
+def test_eval_harmful_prompts_span_several_hundred_clusters():
+    # Review A9: the demo's 600 harmful eval prompts were 80 (template, task) clusters that differed
+    # only by decorations; the statistics must rest on clusters, not decorations.
+    prompts, report = eval_prompts(SyntheticWorldCfg(num_eval_prompts=1200))
+    harmful = [p for p in prompts if p.harmful]
+    clusters = {p.meta["cluster"] for p in harmful}
+    assert len(harmful) == 600 and len(clusters) >= 300
+    heldout = {p.meta["cluster"] for p in harmful if p.meta["template_split"] == "heldout"}
+    assert len(heldout) >= 90  # prompts on templates the alignment data never used
+    assert all(p.meta["cluster"] == f"{p.meta['template']}|{p.meta['item']}" for p in prompts)
+    assert f"clusters={len({p.meta['cluster'] for p in prompts})}" in report.origin
+
+
+def test_split_key_names_every_field_that_moves_the_split():
+    base = syn.split_key(SyntheticWorldCfg())
+    assert base["world_version"] == syn.WORLD_VERSION
+    for name, value in (("seed", 1), ("eval_reserved_fraction", 0.3), ("dev_reserved_fraction", 0.2),
+                        ("heldout_template_fraction", 0.5), ("heldout_templates", ("t00",))):
+        changed = dataclasses.replace(SyntheticWorldCfg(), **{name: value})
+        assert syn.split_key(changed) != base, name
+        assert syn._reserved(changed) != syn._reserved(SyntheticWorldCfg()) or name in (
+            "dev_reserved_fraction", "heldout_template_fraction", "heldout_templates")
+    assert syn.split_key(dataclasses.replace(SyntheticWorldCfg(), num_train_pairs=7)) == base
