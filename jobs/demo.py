@@ -5,14 +5,14 @@ Run as:
     python jobs/demo.py --config jobs/configs/demo.yaml [dotted.key=value ...]
     bt-ray demo --config jobs/configs/demo.yaml
 
-It (1) builds the model with [RESET] and saves it as an HF directory, (2) builds the training data
-of the four recipes (baseline/backtrack x SFT/DPO) and shows backtracking rows token by token with
-their loss mask, (3) trains a base model that complies with everything (the synthetic world's
-"pretraining"), (4) trains baseline and backtracking SFT from it, then DPO from each, as Ray Train
-jobs, (5) evaluates every model on the synthetic world's held-out prompts and prints them side by
-side, (6) says whether backtracking is less unsafe than baseline by more than the 95% CI of the
-difference, and (7) writes summary.json. Each stage is an ordinary job (jobs/sft.py, jobs/dpo.py,
-jobs/eval.py) run with its own config; the demo only chains their outputs.
+It (1) builds the model with [RESET] and saves it as an HF directory, which the first training stage
+starts from, (2) trains a base model that complies with everything (the synthetic world's
+"pretraining"), (3) trains baseline and backtracking SFT from it, then DPO from each, as Ray Train
+jobs, (4) shows backtracking rows token by token with their loss mask, read from the rows those
+stages trained on, (5) evaluates every model on the synthetic world's held-out prompts and prints
+them side by side with paired, cluster-aware comparisons of baseline and backtracking, and (6)
+writes summary.json. Each stage is an ordinary job (jobs/sft.py, jobs/dpo.py, jobs/eval.py) run with
+its own config; the demo chains their outputs and forwards its model and its world to every stage.
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ import time
 from pathlib import Path
 
 from bt_ray import config
-from bt_ray.data.build import DataBuildCfg, build_dataset, format_rendered, render_row
-from bt_ray.data.recipes import RecipeCfg
+from bt_ray.data.build import format_rendered, render_row
 from bt_ray.demo import DemoCfg
-from bt_ray.eval.report import compare_pairs, format_pairs
 from bt_ray.models import describe, load_model, save_model
 
 JOBS = Path(__file__).resolve().parent
@@ -43,6 +41,11 @@ def parse_args(argv=None) -> DemoCfg:
     return config.load(DemoCfg, args.config, args.overrides)
 
 
+def world_overrides(cfg: DemoCfg, prefix: str) -> list[str]:
+    """``<prefix>.<field>=<value>`` for every field of the demo's world (values as JSON, which YAML reads)."""
+    return [f"{prefix}.{k}={json.dumps(v)}" for k, v in config.flatten(config.to_dict(cfg.synthetic)).items()]
+
+
 def main(cfg: DemoCfg) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -52,7 +55,7 @@ def main(cfg: DemoCfg) -> dict:
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     print(f"== bt-ray demo -> {run_dir.resolve()} (MLflow {tracking_uri})")
 
-    # ---- 1. the model with [RESET]
+    # ---- 1. the model with [RESET]: the first training stage starts from this directory
     t0 = time.perf_counter()
     model, tokenizer, reset = load_model(cfg.model)
     facts = describe(model, tokenizer, reset)
@@ -60,69 +63,52 @@ def main(cfg: DemoCfg) -> dict:
         model, tokenizer, run_dir / "model-init",
         {"config": config.to_dict(cfg), "git_sha": config.git_sha(), "stage": "init"},
     )
+    del model  # the stages load their own copies; ids are shared, so `tokenizer` renders their rows
     print(f"-- model {cfg.model.name}: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
     print(f"   saved to {model_dir} ({time.perf_counter() - t0:.1f}s)")
 
-    # ---- 2. the four recipes' data
-    data = {}
-    for recipe in cfg.recipes:
-        build_cfg = DataBuildCfg(
-            model=cfg.model,
-            recipe=RecipeCfg(name=recipe, prefix=cfg.prefix, max_length=cfg.max_length),
-            sources=cfg.sources,
-            synthetic=cfg.synthetic,
-            out=str(run_dir / "data" / f"{recipe}.jsonl"),
-        )
-        summary = build_dataset(build_cfg, log=lambda m: None)
-        data[recipe] = summary
-        rec = summary["recipe"]
-        print(f"-- {recipe:14s} {summary['num_rows']:6d} rows {rec['rows']}  skipped {rec['skipped']}")
-        print(f"   -> {summary['out']}")
-
-    # ---- 3. what a backtracking row trains on
-    for recipe in [r for r in cfg.recipes if r.startswith("backtrack")]:
-        with open(data[recipe]["out"]) as f:
-            rows = [json.loads(line) for line in f]
-        for row in [r for r in rows if r["kind"].startswith("backtrack")][: cfg.num_inspect]:
-            print(format_rendered(render_row(row, tokenizer), color=sys.stdout.isatty()))
-
-    # ---- 4. training: base model, then baseline and backtracking SFT (and DPO) from it
-    models: dict[str, str] = {}
+    # ---- 2-3. training: base model, then baseline and backtracking SFT (and DPO) from it
+    stages: dict[str, dict] = {}
     if cfg.sft_config is not None:
-        models = train_stages(cfg, run_dir)
+        import ray
 
-    # ---- 5. evaluation of every trained model, side by side
+        if not ray.is_initialized():
+            ray.init(num_cpus=cfg.ray_num_cpus)
+        stages = train_stages(cfg, run_dir, model_dir)
+    models = {label: s["model_dir"] for label, s in stages.items()}
+
+    # ---- 4. what a backtracking row trains on: the rows the backtracking stages were given
+    data = {}
+    for label, stage in stages.items():
+        recipe = label if label != "pretrain" else "baseline-sft"
+        rows_path = Path(stage["run_dir"]) / "data" / f"{recipe}.jsonl"
+        counts_path = rows_path.with_suffix(".summary.json")
+        if counts_path.is_file():
+            counts = json.loads(counts_path.read_text())
+            data[label] = {"path": str(rows_path), "num_rows": counts["num_rows"], **counts["recipe"]}
+            print(f"-- {label:14s} trained on {stage.get('num_rows', '?')} of {counts['num_rows']} rows "
+                  f"{counts['recipe']['rows']}; skipped {counts['recipe']['skipped']} -> {rows_path}")
+        if label.startswith("backtrack") and rows_path.is_file() and cfg.num_inspect:
+            with rows_path.open() as f:
+                rows = [json.loads(line) for line in f]
+            for row in [r for r in rows if r["kind"].startswith("backtrack")][: cfg.num_inspect]:
+                print(format_rendered(render_row(row, tokenizer), color=sys.stdout.isatty()))
+
+    # ---- 5. evaluation of every trained model, side by side, baseline vs backtracking per stage
     evaluation = None
     if cfg.eval_config is not None and models:
-        from bt_ray.eval.config import EvalCfg
-
         eval_main = runpy.run_path(str(JOBS / "eval.py"))["main"]
-        eval_cfg = config.load(EvalCfg, cfg.eval_config, [
-            f"run_dir={run_dir / 'eval'}",
-            "models=" + json.dumps(list(models.values())),
-            "labels=" + json.dumps(list(models)),
-        ])
-        evaluation = eval_main(eval_cfg)
+        evaluation = eval_main(eval_stage_cfg(cfg, run_dir, models))
 
-    # ---- 6. the paper's claim: backtracking less unsafe than baseline, beyond the 95% CI
-    comparisons = []
-    if evaluation is not None:
-        metrics = {label: m["metrics"] for label, m in evaluation["models"].items()}
-        pairs = [(f"baseline-{s}", f"backtrack-{s}") for s in ("sft", "dpo")
-                 if f"baseline-{s}" in metrics and f"backtrack-{s}" in metrics]
-        keys = ["synthetic"] + [f"worst-of-{k}" for k in sorted(eval_cfg.worst_of_k) if k > 1]
-        comparisons = [c for key in keys for c in compare_pairs(metrics, pairs, key)]
-        print(format_pairs(comparisons))
-
-    # ---- 7. summary
+    # ---- 6. summary
     summary = {
         "run_dir": str(run_dir),
         "config": str(config_path),
         "model": {"dir": str(model_dir), **facts},
-        "data": {r: {"path": s["out"], "num_rows": s["num_rows"], **s["recipe"]} for r, s in data.items()},
+        "data": data,
         "models": models,
         "eval_summary": str(run_dir / "eval" / "summary.json") if evaluation is not None else None,
-        "comparisons": comparisons,
+        "comparisons": evaluation.get("comparisons", []) if evaluation is not None else [],
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"== done: {run_dir / 'summary.json'}")
@@ -132,33 +118,48 @@ def main(cfg: DemoCfg) -> dict:
     return summary
 
 
-def train_stages(cfg: DemoCfg, run_dir: Path) -> dict[str, str]:
-    """Run the training jobs in order; returns {label: final model dir}."""
-    import ray
+def train_stages(cfg: DemoCfg, run_dir: Path, model_dir: Path, jobs: dict | None = None) -> dict[str, dict]:
+    """Run the training jobs in order, each with the demo's world; returns {label: job summary}.
 
+    ``jobs`` maps ``sft``/``dpo`` to the job's ``main`` (default: jobs/sft.py and jobs/dpo.py).
+    """
     from bt_ray.train.config import DPOJobCfg, SFTJobCfg
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.ray_num_cpus)
-    sft_main = runpy.run_path(str(JOBS / "sft.py"))["main"]
-    dpo_main = runpy.run_path(str(JOBS / "dpo.py"))["main"]
-    common = [f"run.root={run_dir / 'runs'}", *cfg.stage_overrides]
-    base = cfg.model.name
+    jobs = jobs or {name: runpy.run_path(str(JOBS / f"{name}.py"))["main"] for name in ("sft", "dpo")}
+    sft_main, dpo_main = jobs["sft"], jobs["dpo"]
+    common = [f"run.root={run_dir / 'runs'}", *world_overrides(cfg, "data.synthetic"), *cfg.stage_overrides]
+    stages: dict[str, dict] = {}
+    base = str(model_dir)
     if cfg.pretrain_config is not None:
-        pre = sft_main(config.load(SFTJobCfg, cfg.pretrain_config, [*common, "run.name=pretrain"]))
-        base = pre["model_dir"]
-    models = {}
+        stages["pretrain"] = sft_main(config.load(SFTJobCfg, cfg.pretrain_config,
+                                                  [*common, f"model.name={base}", "run.name=pretrain"]))
+        base = stages["pretrain"]["model_dir"]
     for kind in ("baseline", "backtrack"):
         sft = sft_main(config.load(SFTJobCfg, cfg.sft_config, [
             *common, f"model.name={base}", f"data.recipe={kind}-sft", f"run.name=sft-{kind}",
         ]))
-        models[f"{kind}-sft"] = sft["model_dir"]
+        stages[f"{kind}-sft"] = sft
         if cfg.dpo_config is not None:
-            dpo = dpo_main(config.load(DPOJobCfg, cfg.dpo_config, [
+            stages[f"{kind}-dpo"] = dpo_main(config.load(DPOJobCfg, cfg.dpo_config, [
                 *common, f"model.name={sft['model_dir']}", f"data.recipe={kind}-dpo", f"run.name=dpo-{kind}",
             ]))
-            models[f"{kind}-dpo"] = dpo["model_dir"]
-    return models
+    return stages
+
+
+def eval_stage_cfg(cfg: DemoCfg, run_dir: Path, models: dict[str, str]):
+    """The eval config of the demo: every aligned model, the demo's world, baseline vs backtracking pairs."""
+    from bt_ray.eval.config import EvalCfg
+
+    aligned = {label: d for label, d in models.items() if label != "pretrain"}
+    pairs = [[f"baseline-{s}", f"backtrack-{s}"] for s in ("sft", "dpo")
+             if f"baseline-{s}" in aligned and f"backtrack-{s}" in aligned]
+    return config.load(EvalCfg, cfg.eval_config, [
+        f"run_dir={run_dir / 'eval'}",
+        "models=" + json.dumps(list(aligned.values())),
+        "labels=" + json.dumps(list(aligned)),
+        "compare=" + json.dumps(pairs),
+        *world_overrides(cfg, "synthetic"),
+    ])
 
 
 if __name__ == "__main__":
