@@ -1,11 +1,12 @@
-"""DPO and SFT rows reach the model token for token: no re-tokenization, no extra EOS, no duplicated BOS."""
+"""DPO rows reach the model token for token: no re-tokenization, no extra EOS, no duplicated BOS, and the
+reference log-probs are those of exactly these sequences. (The SFT path is tested in test_recipes.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bt_ray.data.recipes import RecipeCfg, build_rows, sft_features
+from bt_ray.data.recipes import RecipeCfg, build_rows
 from bt_ray.data.records import Message, PreferenceExample
 from bt_ray.models import ModelCfg, TinyModelCfg, load_model
 from bt_ray.reset import end_of_turn_ids
@@ -66,24 +67,19 @@ def test_dpo_trainer_keeps_token_level_rows_and_collates_them_exactly(tiny, tmp_
     assert harmful["chosen_ids"][0] == reset.token_id
     bos = tokenizer.bos_token_id
     assert bos is None or batch["input_ids"][0].tolist().count(bos) <= 1
-    # The reference log-probs were computed on exactly these sequences.
-    assert "ref_chosen_logps" in trainer.train_dataset.column_names
-    assert torch.isfinite(torch.tensor(trainer.train_dataset["ref_chosen_logps"])).all()
+    # The reference log-probs were computed on exactly these sequences: they equal the summed
+    # log-probs of each completion given its prompt under the (reference) model, from a plain forward.
+    model.eval()
+    for key in ("chosen", "rejected"):
+        got = torch.tensor(trainer.train_dataset[f"ref_{key}_logps"])
+        want = torch.tensor([_completion_logp(model, r["prompt_ids"], r[f"{key}_ids"]) for r in rows])
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
 
 
-def test_sft_trainer_keeps_pretokenized_rows_and_masks_the_prompt(tiny, tmp_path):
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    model, tokenizer, reset = tiny
-    rows, _ = build_rows(examples(), RecipeCfg(name="backtrack-sft"), tokenizer, reset)
-    dataset = Dataset.from_list([sft_features(r) for r in rows])
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=None,
-                     completion_only_loss=True, per_device_train_batch_size=len(rows))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    batch = trainer.data_collator([dict(r) for r in trainer.train_dataset])
-    for i, row in enumerate(rows):
-        ids = row["prompt_ids"] + row["completion_ids"]
-        assert batch["input_ids"][i][: len(ids)].tolist() == ids
-        labels = batch["labels"][i][: len(ids)].tolist()
-        assert labels == [-100] * len(row["prompt_ids"]) + row["completion_ids"]  # unsafe prefix untrained
+def _completion_logp(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
+    """Sum over the completion of log p(token | everything before it), one unpadded forward pass."""
+    ids_T = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logps_TV = torch.log_softmax(model(ids_T).logits[0, :-1].float(), dim=-1)
+    token_logps_T = logps_TV.gather(-1, ids_T[0, 1:, None])[:, 0]
+    return token_logps_T[len(prompt_ids) - 1 :].sum().item()
