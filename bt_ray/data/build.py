@@ -23,6 +23,23 @@ from bt_ray.models import ModelCfg, load_tokenizer
 # Sources generated in-process rather than read from a file or hub.
 SYNTHETIC_SOURCES = ("synthetic", "synthetic-pretrain")
 
+SOURCE_SPLITS: dict[str, tuple[str, ...]] = {
+    "synthetic": ("train", "dev"),
+    "synthetic-pretrain": (),
+    "hh-rlhf": ("train", "test"),
+    "oasst2": (),
+    "safety-tuned-llamas": (),
+}
+"""Splits each source's ``split`` may name; empty = the source has none (``split`` must be null).
+Mirrors ``bt_ray.data.sources.PREFERENCE_SPLITS`` (a test keeps them equal)."""
+
+
+def _split_rule(name: str) -> str:
+    splits = SOURCE_SPLITS.get(name, ())
+    if not splits:
+        return f"must be null: source {name!r} has no splits (choose its data with path)"
+    return f"must be null (= {splits[0]}) or one of {', '.join(splits)} for source {name!r}"
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SourceCfg:
@@ -32,8 +49,10 @@ class SourceCfg:
     """Source name: synthetic, synthetic-pretrain, hh-rlhf, oasst2, safety-tuned-llamas."""
     path: str | None = None
     """Local file or directory, or hub id; null = $BT_RAY_DATA_DIR/<standard path>, else the hub."""
-    split: str = "train"
-    """Split of the synthetic world (train or dev); ignored by file sources."""
+    split: str | None = None
+    """The source's split: null = its training split; synthetic: train or dev; hh-rlhf: train or test
+    (chooses the file in a directory / $BT_RAY_DATA_DIR and the hub split; a file or hub id naming
+    another split is an error); other sources have none, so it must be null."""
     limit: int | None = None
     """Use at most this many examples from the source (null = all)."""
 
@@ -41,6 +60,8 @@ class SourceCfg:
         check(self, [
             ("name", bool(self.name), "must name a source"),
             ("limit", self.limit is None or self.limit > 0, "must be > 0 or null"),
+            ("split", self.split is None or self.name not in SOURCE_SPLITS
+             or self.split in SOURCE_SPLITS[self.name], _split_rule(self.name)),
         ])
 
 
@@ -69,13 +90,15 @@ class DataBuildCfg:
 
 
 def load_source(
-    src: SourceCfg, synthetic_cfg: SyntheticWorldCfg
+    src: SourceCfg, synthetic_cfg: SyntheticWorldCfg, *, field: str = "sources[]"
 ) -> tuple[list[PreferenceExample], LoadReport]:
-    """Preference examples of one source, with its load report."""
+    """Preference examples of one source, with its load report (``field`` names it in errors)."""
+    if src.name in SYNTHETIC_SOURCES:
+        allowed = SOURCE_SPLITS[src.name]
+        if src.split is not None and src.split not in allowed:
+            raise ValueError(f"{field}.split {_split_rule(src.name)}; got {src.split!r}")
     if src.name == "synthetic":
-        if src.split not in ("train", "dev"):
-            raise ValueError(f"sources[].split must be 'train' or 'dev' for synthetic; got {src.split!r}")
-        examples, report = preference_examples(synthetic_cfg, split=src.split)
+        examples, report = preference_examples(synthetic_cfg, split=src.split or "train")
     elif src.name == "synthetic-pretrain":
         examples = pretraining_examples(synthetic_cfg)
         report = LoadReport(source=src.name, origin=f"seed {synthetic_cfg.seed}")
@@ -83,20 +106,61 @@ def load_source(
     else:
         from bt_ray.data.sources import load_preferences
 
-        return load_preferences(src.name, src.path, limit=src.limit)
+        try:
+            return load_preferences(src.name, src.path, limit=src.limit, split=src.split)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"{field} ({src.name}): {e}") from e
     if src.limit is not None and len(examples) > src.limit:
         report.num_used = src.limit
         examples = examples[: src.limit]
     return examples, report
 
 
-def build_dataset(cfg: DataBuildCfg, *, log=print) -> dict:
-    """Build the recipe's rows from every source and write them; returns the summary dict."""
+def check_not_evaluated(sources: tuple[SourceCfg, ...], *, field: str = "sources") -> None:
+    """Refuse training data that an evaluation set tests on: never train on what is evaluated.
+
+    Each file or hub source is resolved (nothing is read) and compared with every evaluation test set
+    (``bt_ray.data.sources.eval_test_sets``): same real path, same content, or same hub repo, subset
+    and split. Synthetic sources draw train/dev pairs, never the world's eval prompts.
+
+    Raises:
+        ValueError: one line per offending source, naming ``<field>[i]``, where it resolved, and the
+            evaluation set.
+        FileNotFoundError: a source cannot be found (the message names ``<field>[i]``).
+    """
+    from bt_ray.data.sources import eval_overlap, eval_test_sets, resolve_preference_source
+
+    test_sets = eval_test_sets()
+    problems = []
+    for i, src in enumerate(sources):
+        if src.name in SYNTHETIC_SOURCES:
+            continue
+        try:
+            origin = resolve_preference_source(src.name, src.path, src.split)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"{field}[{i}] ({src.name}): {e}") from e
+        hit = eval_overlap(origin, test_sets)
+        if hit is not None:
+            problems.append(f"{field}[{i}] ({src.name}, {origin}) is the evaluation test set {hit.name!r} "
+                            f"({hit.where})")
+    if problems:
+        raise ValueError("never train on what is evaluated:\n  " + "\n  ".join(problems)
+                        + "\ngive these sources a training split (e.g. hh-rlhf: split train, with a path "
+                          "or hub id Anthropic/hh-rlhf@harmless-base[train])")
+
+
+def build_dataset(cfg: DataBuildCfg, *, log=print, field: str = "sources") -> dict:
+    """Build the recipe's rows from every source and write them; returns the summary dict.
+
+    Sources that are an evaluation test set are refused first (``check_not_evaluated``); ``field``
+    is the config field of the sources in messages (``data.sources`` for a training job).
+    """
+    check_not_evaluated(cfg.sources, field=field)
     tokenizer, reset = load_tokenizer(cfg.model)
     examples: list[PreferenceExample] = []
     source_reports = []
-    for src in cfg.sources:
-        got, report = load_source(src, cfg.synthetic)
+    for i, src in enumerate(cfg.sources):
+        got, report = load_source(src, cfg.synthetic, field=f"{field}[{i}]")
         log(f"source {report}")
         examples.extend(got)
         source_reports.append(report.to_dict())

@@ -32,6 +32,7 @@ import csv
 import dataclasses
 import difflib
 import gzip
+import hashlib
 import io
 import itertools
 import json
@@ -82,6 +83,7 @@ class _Hub:
     split: str
     sub_arg: str = "name"  # load_dataset keyword that receives ``sub``: "name" or "data_dir"
     note: str = dataclasses.field(default="", compare=False)  # why the hub was tried, for the error message
+    hint: str = dataclasses.field(default="", compare=False)  # what to do when it cannot be loaded
 
     def __str__(self) -> str:
         sub = f"@{self.sub}" if self.sub else ""
@@ -97,6 +99,9 @@ class _Source:
     expected: str  # what the file is, for error messages
     hub: _Hub | None  # canonical hub dataset; None when there is no faithful hub copy
     extra_dir_names: tuple[str, ...] = ()  # other names looked for inside a directory
+    missing_hint: str = ""  # added to "not found" errors: where else the data can come from
+    sha256: str | None = None  # of the canonical file, when known: recognises copies of a test set
+    size: int | None = None  # bytes of that file (only files of this size are hashed)
 
     def dir_names(self) -> tuple[str, ...]:
         return (Path(self.local_file).name, *self.extra_dir_names, self.local_file)
@@ -111,13 +116,29 @@ class _Skip:
         self.rule = rule
 
 
-_HH = _Source(
+_HH_EXPECTED = "Anthropic HH-RLHF JSONL (.jsonl or .jsonl.gz) with 'chosen' and 'rejected' dialogues"
+_HH_TRAIN = _Source(
+    "hh-rlhf",
+    "hh-rlhf/harmless-base/train.jsonl.gz",
+    _HH_EXPECTED + ", harmless-base train split",
+    _Hub("Anthropic/hh-rlhf", "harmless-base", "train", sub_arg="data_dir"),
+    extra_dir_names=("harmless-base/train.jsonl.gz", "train.jsonl", "harmless-base/train.jsonl"),
+    missing_hint=(
+        "the HH-RLHF harmless-base train split is not shipped in the shared datasets (only its test "
+        "split, which evaluation uses); give the source a path: a local harmless-base/train.jsonl.gz "
+        "(or a directory holding it), or the hub id Anthropic/hh-rlhf@harmless-base[train]"
+    ),
+)
+_HH_TEST = _Source(
     "hh-rlhf",
     "hh-rlhf/harmless-base/test.jsonl.gz",
-    "Anthropic HH-RLHF JSONL (.jsonl or .jsonl.gz) with 'chosen' and 'rejected' dialogues",
+    _HH_EXPECTED + ", harmless-base test split",
     _Hub("Anthropic/hh-rlhf", "harmless-base", "test", sub_arg="data_dir"),
     extra_dir_names=("harmless-base/test.jsonl.gz", "test.jsonl", "harmless-base/test.jsonl"),
+    sha256="ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03",  # the shipped file
+    size=742801,
 )
+_HH_SPLITS = {"train": _HH_TRAIN, "test": _HH_TEST}
 _OASST2 = _Source(
     "oasst2",
     "oasst2/2023-11-05_oasst2_ready.trees.jsonl.gz",
@@ -184,7 +205,7 @@ _HUB_ALIASES: dict[str, dict[str, str]] = {
 
 DEFAULT_HUB: dict[str, str | None] = {
     s.name: (str(s.hub) if s.hub else None)
-    for s in (_HH, _OASST2, _STL, _ADVBENCH, _MALICIOUS, _SST, _STRONGREJECT, _MT_BENCH, _Q_HARM)
+    for s in (_HH_TRAIN, _OASST2, _STL, _ADVBENCH, _MALICIOUS, _SST, _STRONGREJECT, _MT_BENCH, _Q_HARM)
 }
 """The hub dataset each source reads when no path is given and $BT_RAY_DATA_DIR is unset."""
 
@@ -213,7 +234,7 @@ def parse_source_spec(spec: str) -> tuple[str, str | None]:
 
 
 def load_preferences(
-    name: str, path: str | None = None, *, limit: int | None = None
+    name: str, path: str | None = None, *, limit: int | None = None, split: str | None = None
 ) -> tuple[list[PreferenceExample], LoadReport]:
     """Load a preference source by name (see ``PREFERENCE_SOURCES``).
 
@@ -221,16 +242,17 @@ def load_preferences(
         name: source name, e.g. ``hh-rlhf``.
         path: local file, local directory or hub spec; None for the default (module docstring).
         limit: stop once this many examples are used; None reads everything.
+        split: the source's split (``PREFERENCE_SPLITS``); None = its training split.
 
     Returns:
         The examples and the load report.
 
     Raises:
-        ValueError: unknown source name or a bad ``limit``.
+        ValueError: unknown source name, a bad ``limit``, or a ``split`` the source cannot apply.
         FileNotFoundError: the data cannot be found locally or loaded from the hub.
         DataError: a malformed row (the message names file, line or record, and field).
     """
-    return _lookup(PREFERENCE_SOURCES, name, "preference")(path, limit=limit)
+    return _lookup(PREFERENCE_SOURCES, name, "preference")(path, limit=limit, split=split)
 
 
 def load_prompts(
@@ -272,14 +294,16 @@ def _lookup(table: dict[str, Callable], name: str, kind: str) -> Callable:
 
 
 def _resolve(source: _Source, path: str | os.PathLike | None) -> Path | _Hub:
-    """Turn the user's ``path`` argument into a local file or a hub dataset."""
+    """Turn the user's ``path`` argument into a local file or a hub dataset (nothing is read)."""
+    hint = f"; {source.missing_hint}" if source.missing_hint else ""
     if path is None:
         root = os.environ.get(DATA_DIR_ENV)
         if root:
             file = Path(root).expanduser() / source.local_file
             if not file.is_file():
                 raise FileNotFoundError(
-                    f"{source.name}: {file} not found ({DATA_DIR_ENV}={root}); expected {source.expected}"
+                    f"{source.name}: {file} not found ({DATA_DIR_ENV}={root}); "
+                    f"expected {source.expected}{hint}"
                 )
             return file
         if source.hub is None:
@@ -289,7 +313,7 @@ def _resolve(source: _Source, path: str | os.PathLike | None) -> Path | _Hub:
                 f"holding {source.local_file}"
             )
         note = f"the default for {source.name}: no path was given and {DATA_DIR_ENV} is not set"
-        return dataclasses.replace(source.hub, note=note)
+        return dataclasses.replace(source.hub, note=note, hint=source.missing_hint)
 
     text = os.fspath(path)
     local = Path(text).expanduser()
@@ -301,7 +325,7 @@ def _resolve(source: _Source, path: str | os.PathLike | None) -> Path | _Hub:
                 return local / name
         raise FileNotFoundError(
             f"{source.name}: directory {local} holds none of {', '.join(source.dir_names())}; "
-            f"expected {source.expected}"
+            f"expected {source.expected}{hint}"
         )
     match = _HUB_SPEC.match(text)
     if match and not text.startswith((".", "~")) and not text.lower().endswith(_FILE_SUFFIXES):
@@ -317,6 +341,45 @@ def _resolve(source: _Source, path: str | os.PathLike | None) -> Path | _Hub:
         f"{source.name}: {local} does not exist; expected {source.expected} "
         f"(or a directory holding it, or a hub id owner/name)"
     )
+
+
+def _hub_split_given(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` is a hub spec that names its split (``...[train]``)."""
+    return path is not None and bool(re.search(r"\[[\w.-]+\]$", os.fspath(path)))
+
+
+def _hh_origin(path: str | os.PathLike | None, split: str | None, default: str) -> Path | _Hub:
+    """Resolve an HH-RLHF ``path`` for ``split`` (None = ``default``); ``split`` picks the file or hub split.
+
+    A file (given, or found in a directory) whose standard name says another split, or a hub id whose
+    ``[split]`` says another one, is an error: the split is never silently other than asked. A file
+    whose name says no split cannot be checked, so an explicit ``split`` with it is an error too.
+    """
+    want = default if split is None else split
+    if want not in _HH_SPLITS:
+        raise ValueError(f"hh-rlhf: split must be one of {', '.join(_HH_SPLITS)} or null (= {default}); "
+                         f"got {split!r}")
+    origin = _resolve(_HH_SPLITS[want], path)
+    asked = f"split {split!r}" if split is not None else f"split null (= {default}, this loader's default)"
+    if isinstance(origin, _Hub):
+        if origin.split != want and _hub_split_given(path):
+            raise ValueError(f"hh-rlhf: the hub id {path!r} names split {origin.split!r} but {asked} was "
+                             f"asked; drop the [split] from the id or set split: {origin.split}")
+        return origin
+    named = next((s for s, src in _HH_SPLITS.items() if origin.name in src.dir_names()), None)
+    if named is not None and named != want:
+        raise ValueError(f"hh-rlhf: {origin} is the {named} split (by its name) but {asked} was asked; "
+                         f"set split: {named} to read it on purpose")
+    if named is None and split is not None:
+        raise ValueError(f"hh-rlhf: split {split!r} cannot apply to {origin}: its name says no split; "
+                         f"leave split null, or give a directory or hub id for split to choose from")
+    return origin
+
+
+def _no_split(name: str, split: str | None) -> None:
+    if split is not None:
+        raise ValueError(f"{name}: this source has no splits to choose from, so split must be null; got "
+                         f"{split!r} (choose its data with path)")
 
 
 # ---------------------------------------------------------------- readers
@@ -427,8 +490,10 @@ def _iter_hub(hub: _Hub, aliases: dict[str, str]) -> Iterator[tuple[_Where, dict
             kwargs[hub.sub_arg] = hub.sub
         dataset = datasets.load_dataset(hub.repo, **kwargs)
     except Exception as e:  # network, auth and config errors all mean "not available"
+        hint = f"; {hub.hint}" if hub.hint else ""
         raise FileNotFoundError(
             f"tried the hub dataset {hub} because {hub.note}, and loading it failed: {type(e).__name__}: {e}"
+            f"{hint}"
         ) from e
     for index, row in enumerate(dataset):
         row = dict(row)
@@ -466,10 +531,15 @@ def _collect(
     limit: int | None,
     rows: Callable[[Path | _Hub], Iterable[tuple[_Where, dict]]],
     parse: Callable[[dict, _Where], Any],
+    *,
+    origin: Path | _Hub | None = None,
 ) -> tuple[list, LoadReport]:
-    """Read rows one by one, parse each into a record or a ``_Skip``, stop at ``limit`` used."""
+    """Read rows one by one, parse each into a record or a ``_Skip``, stop at ``limit`` used.
+
+    ``origin`` is the already resolved data (None: resolve ``path`` for ``source``).
+    """
     _check_limit(limit)
-    origin = _resolve(source, path)
+    origin = _resolve(source, path) if origin is None else origin
     report = LoadReport(source=source.name, origin=str(origin))
     out: list = []
     if limit == 0:
@@ -538,6 +608,19 @@ def _hh_turns(row: dict, where: _Where, key: str) -> list[Message]:
     return turns
 
 
+def _extra_columns(row: dict, known: tuple[str, ...], meta: dict, where: _Where) -> dict:
+    """``meta`` plus every field of ``row`` outside ``known`` (e.g. precomputed judge labels that the
+    recipes' ``judge_filter: column`` reads); a field that would overwrite a ``meta`` key is an error."""
+    out = dict(meta)
+    for key, value in row.items():
+        if key in known:
+            continue
+        if key in out:
+            raise where.error(f"clashes with the loader's own meta key {key!r}; rename the column", field=key)
+        out[key] = value
+    return out
+
+
 def _alternates(turns: list[Message]) -> bool:
     return all(a.role != b.role for a, b in zip(turns, turns[1:]))
 
@@ -566,7 +649,8 @@ def _hh_preference(row: dict, where: _Where) -> PreferenceExample | _Skip:
         chosen=chosen[-1].content,
         rejected=rejected[-1].content,
         kind="harmful",
-        meta={"num_turns": sum(m.role == "user" for m in prompt)},
+        meta=_extra_columns(row, ("chosen", "rejected"), {"num_turns": sum(m.role == "user" for m in prompt)},
+                            where),
     )
 
 
@@ -587,17 +671,18 @@ def _hh_rows(origin: Path | _Hub) -> Iterable[tuple[_Where, dict]]:
 
 
 def load_hh_rlhf_preferences(
-    path: str | None = None, *, limit: int | None = None
+    path: str | None = None, *, limit: int | None = None, split: str | None = None
 ) -> tuple[list[PreferenceExample], LoadReport]:
-    """Anthropic HH-RLHF ``{"chosen", "rejected"}`` dialogues as preference pairs.
+    """Anthropic HH-RLHF ``{"chosen", "rejected"}`` dialogues as preference pairs (training data).
 
     Each dialogue string is split into turns at ``"\\n\\nHuman: "`` / ``"\\n\\nAssistant: "``. The
     prompt is every turn before the last Assistant turn and must be the same in both strings; y+ is
-    the last Assistant turn of ``chosen``, y- that of ``rejected``.
+    the last Assistant turn of ``chosen``, y- that of ``rejected``. Any other field of a row (e.g.
+    precomputed judge labels) is kept in ``meta`` under its own name.
 
     ``kind`` is ``"harmful"`` for every pair: the default data, harmless-base, is red-teaming data
-    in which y- is taken to be the unsafe answer. Loading helpful-base through this loader would
-    mislabel it.
+    in which y- is taken to be the unsafe answer (a judge filter can overrule it, see
+    ``bt_ray.data.recipes``). Loading helpful-base through this loader would mislabel it.
 
     Rules and odd rows (found in harmless-base/test, 2,312 rows):
 
@@ -610,25 +695,30 @@ def load_hh_rlhf_preferences(
       recovered without guessing, and in 5 of the rows the two strings also disagree on the prompt.
     * ``"Human:"`` inside a turn's text (not preceded by ``"\\n\\n"``) is left as text.
 
-    Default: ``$BT_RAY_DATA_DIR/hh-rlhf/harmless-base/test.jsonl.gz``, else the hub dataset
-    ``Anthropic/hh-rlhf@harmless-base[test]`` (the test split: pass ``...[train]`` to train). A hub
+    ``split`` (``train`` or ``test``; None = ``train``) chooses the file in ``$BT_RAY_DATA_DIR`` or a
+    directory (``harmless-base/<split>.jsonl.gz``) and the hub split; a file or hub id that names
+    another split is an error (``_hh_origin``). Default: ``$BT_RAY_DATA_DIR/hh-rlhf/harmless-base/
+    train.jsonl.gz``, else ``Anthropic/hh-rlhf@harmless-base[train]``. Only the test split ships in
+    the shared datasets, and evaluation uses it: the train default never falls back to it. A hub
     spec without ``@harmless-base`` loads every subset of the repo, helpful ones included.
     """
-    return _collect(_HH, path, limit, _hh_rows, _hh_preference)
+    origin = _hh_origin(path, split, "train")
+    return _collect(_HH_TRAIN, path, limit, _hh_rows, _hh_preference, origin=origin)
 
 
 def load_hh_rlhf_prompts(
     path: str | None = None, *, limit: int | None = None
 ) -> tuple[list[PromptExample], LoadReport]:
-    """The HH-RLHF dialogues as single-turn harmful prompts (the paper's development set).
+    """The HH-RLHF harmless-base TEST dialogues as single-turn harmful prompts (the paper's dev set).
 
     ``PromptExample`` holds only user turns, with no assistant turns between them, so a multi-turn
     HH dialogue cannot be replayed faithfully. Each row gives its FIRST Human turn as a one-turn
     prompt, and ``meta["num_turns"]`` records how many Human turns the prompt part of ``chosen``
     had. Only ``chosen`` is read; no row is left out (the first Human turn is clean even in the
-    rows that ``load_hh_rlhf_preferences`` skips).
+    rows that ``load_hh_rlhf_preferences`` skips). Default: ``$BT_RAY_DATA_DIR/hh-rlhf/harmless-base/
+    test.jsonl.gz``, else ``Anthropic/hh-rlhf@harmless-base[test]``.
     """
-    return _collect(_HH, path, limit, _hh_rows, _hh_prompt)
+    return _collect(_HH_TEST, path, limit, _hh_rows, _hh_prompt)
 
 
 # ---------------------------------------------------------------- OpenAssistant-2
@@ -828,7 +918,7 @@ def _oa_flat_trees(
 
 
 def load_oasst2(
-    path: str | None = None, *, limit: int | None = None
+    path: str | None = None, *, limit: int | None = None, split: str | None = None
 ) -> tuple[list[PreferenceExample], LoadReport]:
     """OpenAssistant-2 conversations: the top-ranked path of each message tree.
 
@@ -850,8 +940,10 @@ def load_oasst2(
     the rule removed from the choice) and, for flat input, ``message_orphaned`` (parent not found).
 
     Default: ``$BT_RAY_DATA_DIR/oasst2/2023-11-05_oasst2_ready.trees.jsonl.gz``, else the hub
-    dataset ``OpenAssistant/oasst2[train]``.
+    dataset ``OpenAssistant/oasst2[train]``. ``split`` must be None: the trees file has no splits (a hub
+    id chooses its own, ``OpenAssistant/oasst2[validation]``).
     """
+    _no_split("oasst2", split)
     _check_limit(limit)
     origin = _resolve(_OASST2, path)
     report = LoadReport(source="oasst2", origin=str(origin))
@@ -902,6 +994,7 @@ def _stl_preference(row: dict, where: _Where) -> PreferenceExample:
         chosen=output,
         rejected=None,
         kind="harmful",
+        meta=_extra_columns(row, ("instruction", "input", "output"), {}, where),
     )
 
 
@@ -913,17 +1006,19 @@ def _stl_rows(origin: Path | _Hub) -> Iterable[tuple[_Where, Any]]:
 
 
 def load_safety_tuned_llamas(
-    path: str | None = None, *, limit: int | None = None
+    path: str | None = None, *, limit: int | None = None, split: str | None = None
 ) -> tuple[list[PreferenceExample], LoadReport]:
     """Safety-Tuned LLaMAs ``safety_only_data_Instructions.json``: harmful asks with safe answers.
 
     A JSON list of ``{instruction, input, output}``. The prompt is ``instruction`` (plus
     ``"\\n\\n" + input`` when ``input`` is not empty), y+ is ``output``, and there is no y-
-    (``rejected=None``). ``kind="harmful"``: the prompts are harmful requests.
+    (``rejected=None``). ``kind="harmful"``: the prompts are harmful requests. Other fields of an item
+    are kept in ``meta``.
 
     Default: ``$BT_RAY_DATA_DIR/safety-tuned-llamas-extra/safety_only_data_Instructions.json``;
-    there is no hub default.
+    there is no hub default. ``split`` must be None: the file has no splits.
     """
+    _no_split("safety-tuned-llamas", split)
     return _collect(_STL, path, limit, _stl_rows, _stl_preference)
 
 
@@ -1115,7 +1210,14 @@ PREFERENCE_SOURCES: dict[str, Callable[..., tuple[list[PreferenceExample], LoadR
     "oasst2": load_oasst2,
     "safety-tuned-llamas": load_safety_tuned_llamas,
 }
-"""Preference sources: name -> ``loader(path=None, *, limit=None) -> (examples, report)``."""
+"""Preference sources: name -> ``loader(path=None, *, limit=None, split=None) -> (examples, report)``."""
+
+PREFERENCE_SPLITS: dict[str, tuple[str, ...]] = {
+    "hh-rlhf": ("train", "test"),
+    "oasst2": (),
+    "safety-tuned-llamas": (),
+}
+"""Splits a preference source's ``split`` may name (empty: none; ``split`` must be None)."""
 
 PROMPT_SOURCES: dict[str, Callable[..., tuple[list[PromptExample], LoadReport]]] = {
     "advbench": load_advbench,
@@ -1127,3 +1229,133 @@ PROMPT_SOURCES: dict[str, Callable[..., tuple[list[PromptExample], LoadReport]]]
     "q-harm": load_q_harm,
 }
 """Prompt sources: name -> ``loader(path=None, *, limit=None) -> (prompts, report)``."""
+
+
+# ---------------------------------------------------------------- never train on what is evaluated
+
+_PROMPT_SOURCE_DATA = {
+    "advbench": _ADVBENCH,
+    "malicious-instructions": _MALICIOUS,
+    "simple-safety-tests": _SST,
+    "strongreject": _STRONGREJECT,
+    "mt-bench": _MT_BENCH,
+    "hh-rlhf": _HH_TEST,
+    "q-harm": _Q_HARM,
+}
+
+
+@dataclass(frozen=True)
+class EvalTestSet:
+    """What an evaluation set resolves to, compared with every training source.
+
+    Attributes:
+        name: the evaluation dataset name (``bt_ray.eval.config.EVAL_DATASETS``).
+        where: how it is read by default, for messages.
+        file: its file (real path) when ``$BT_RAY_DATA_DIR`` holds it, else None.
+        hub: its hub dataset, when it has one.
+        canonical: ``(size, sha256)`` of its canonical file when known (recognises copies elsewhere).
+    """
+
+    name: str
+    where: str
+    file: Path | None = None
+    hub: _Hub | None = None
+    canonical: tuple[int, str] | None = None
+
+
+def eval_test_sets(datasets: Iterable[tuple[str, str | None]] | None = None) -> list[EvalTestSet]:
+    """The evaluation test sets, resolved as evaluation reads them (nothing is read).
+
+    Args:
+        datasets: ``(name, path)`` of evaluation sets (an eval config's ``datasets``); None = every
+            name in ``EVAL_DATASETS`` at its default (``$BT_RAY_DATA_DIR`` file and hub dataset).
+
+    Returns:
+        One entry per set. ``synthetic`` has neither file nor hub: its eval prompts are generated
+        from the world's held-out reservations, which no training split draws from.
+    """
+    from bt_ray.eval.config import EVAL_DATASETS
+
+    out = []
+    for name, path in datasets if datasets is not None else ((n, None) for n in EVAL_DATASETS):
+        source = _PROMPT_SOURCE_DATA.get(name)
+        if source is None:
+            out.append(EvalTestSet(name, f"{name} eval prompts (generated)"))
+            continue
+        file, hub = None, source.hub
+        if path is None:
+            root = os.environ.get(DATA_DIR_ENV)
+            candidate = Path(root).expanduser() / source.local_file if root else None
+            if candidate is not None and candidate.is_file():
+                file = candidate.resolve()
+        else:
+            try:
+                origin = _resolve(source, path)
+            except FileNotFoundError:
+                origin = None  # evaluation would fail on it; nothing to compare
+            file, hub = (origin.resolve(), None) if isinstance(origin, Path) else (None, origin)
+        where = " or ".join(str(x) for x in (file, hub) if x is not None) or source.local_file
+        canonical = (source.size, source.sha256) if source.size and source.sha256 else None
+        out.append(EvalTestSet(name, where, file, hub, canonical))
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_hub(a: _Hub, b: _Hub) -> bool:
+    """Same repo and split, and the same subset (no subset loads them all, so it overlaps any)."""
+    return a.repo == b.repo and a.split == b.split and (a.sub is None or b.sub is None or a.sub == b.sub)
+
+
+def eval_overlap(origin: Path | _Hub, test_sets: list[EvalTestSet]) -> EvalTestSet | None:
+    """The evaluation test set that ``origin`` (a resolved training source) is, or None.
+
+    A file matches by real path, or by content (SHA-256) when the test set's file or canonical hash
+    is known; a hub dataset matches by repo, subset and split.
+    """
+    if isinstance(origin, _Hub):
+        return next((t for t in test_sets if t.hub is not None and _same_hub(origin, t.hub)), None)
+    real = origin.resolve()
+    size = real.stat().st_size
+    digest = None
+    for t in test_sets:
+        if t.file is not None and t.file == real:
+            return t
+        hashes = {t.canonical[1]} if t.canonical and t.canonical[0] == size else set()
+        if t.file is not None and t.file.stat().st_size == size:
+            hashes.add(_sha256(t.file))
+        if hashes:
+            digest = digest or _sha256(real)
+            if digest in hashes:
+                return t
+    return None
+
+
+def resolve_preference_source(name: str, path: str | None = None, split: str | None = None) -> Path | _Hub:
+    """Where ``load_preferences(name, path, split=split)`` would read from, without reading it.
+
+    Raises:
+        ValueError: unknown source name or a ``split`` the source cannot apply.
+        FileNotFoundError: the data cannot be found (the message says where else it can come from).
+    """
+    _lookup(PREFERENCE_SOURCES, name, "preference")
+    if name == "hh-rlhf":
+        return _hh_origin(path, split, "train")
+    _no_split(name, split)
+    return _resolve(_OASST2 if name == "oasst2" else _STL, path)
+
+
+def parse_origin(text: str) -> Path | _Hub | None:
+    """A ``LoadReport.origin`` read back: an existing file, a hub spec, or None (anything else)."""
+    if Path(text).is_file():
+        return Path(text)
+    match = _HUB_SPEC.match(text)
+    if match and match["split"]:
+        return _Hub(match["repo"], match["sub"], match["split"])
+    return None

@@ -40,7 +40,9 @@ def preflight(cfg: SFTJobCfg | DPOJobCfg) -> BatchPlan:
 
     Raises:
         ValueError: the global batch does not divide, bf16 on CPU, a missing SFT checkpoint for DPO,
-            or a missing data file.
+            a missing data file, or training data that is an evaluation test set
+            (``check_not_evaluated_data``).
+        FileNotFoundError: a data source cannot be found.
     """
     plan = plan_batch(cfg.optim.global_batch_size, cfg.scaling.num_workers, cfg.optim.micro_batch_size)
     resolve_precision(cfg.deepspeed, cfg.scaling.use_gpu)
@@ -57,13 +59,46 @@ def preflight(cfg: SFTJobCfg | DPOJobCfg) -> BatchPlan:
     if cfg.data.path is not None and not Path(cfg.data.path).is_file():
         raise ValueError(f"data.path must be an existing JSONL file; got {cfg.data.path!r} "
                          "(build it with bt-ray data build, or set data.path=null to build on the driver)")
+    check_not_evaluated_data(cfg.data)
     return plan
 
 
+def check_not_evaluated_data(data: TrainDataCfg) -> None:
+    """Never train on what is evaluated: refuse sources (or a prebuilt JSONL built from sources) that
+    resolve to an evaluation test set (``bt_ray.data.build.check_not_evaluated``).
+
+    A prebuilt ``data.path`` is checked through the ``<name>.summary.json`` that ``bt-ray data build``
+    writes beside it (its sources' origins); without one there is nothing to check.
+    """
+    from bt_ray.data.build import check_not_evaluated
+    from bt_ray.data.sources import eval_overlap, eval_test_sets, parse_origin
+
+    if data.path is None:
+        check_not_evaluated(data.sources, field="data.sources")
+        return
+    summary = Path(data.path).with_suffix(".summary.json")
+    if not summary.is_file():
+        return
+    test_sets = eval_test_sets()
+    problems = []
+    for i, source in enumerate(json.loads(summary.read_text()).get("sources", [])):
+        origin = parse_origin(str(source.get("origin", "")))
+        hit = eval_overlap(origin, test_sets) if origin is not None else None
+        if hit is not None:
+            problems.append(f"data.path={data.path} was built from {summary.name} sources[{i}] "
+                            f"({source.get('source')}, {origin}), the evaluation test set {hit.name!r} "
+                            f"({hit.where})")
+    if problems:
+        raise ValueError("never train on what is evaluated:\n  " + "\n  ".join(problems)
+                         + "\nrebuild the rows from a training split")
+
+
 # Settings a run may change between a stop and its resume: they touch neither the model nor the data.
+# Not mlflow.experiment: a resumed stage reopens its MLflow run, and a run cannot move to another
+# experiment, so a new value would be silently ignored.
 RESUMABLE_KEYS = frozenset({
     "run.max_failures", "run.num_to_keep", "run.logging_steps", "scaling.cpus_per_worker",
-    "scaling.torch_threads", "mlflow.enabled", "mlflow.tracking_uri", "mlflow.experiment",
+    "scaling.torch_threads", "mlflow.enabled", "mlflow.tracking_uri",
 })
 
 
@@ -151,7 +186,7 @@ def load_rows(cfg: SFTJobCfg | DPOJobCfg, run_dir: Path, plan: BatchPlan, *, log
             shuffle_seed=data.shuffle_seed,
             out=str(run_dir / "data" / f"{data.recipe}.jsonl"),
         )
-        path = Path(build_dataset(build_cfg, log=lambda m: log(f"[data] {m}"))["out"])
+        path = Path(build_dataset(build_cfg, log=lambda m: log(f"[data] {m}"), field="data.sources")["out"])
     else:
         path = Path(data.path)
     with path.open() as f:

@@ -177,7 +177,7 @@ def hh_by_line(examples: list[PreferenceExample]) -> dict[int, PreferenceExample
 
 def test_hh_rlhf_real_file_counts(shared_datasets):
     examples, report = load_preferences(
-        "hh-rlhf", str(shared_datasets / "hh-rlhf/harmless-base/test.jsonl.gz")
+        "hh-rlhf", str(shared_datasets / "hh-rlhf/harmless-base/test.jsonl.gz"), split="test"
     )
     assert report.num_read == 2312
     assert report.num_used == len(examples) == 2303
@@ -194,7 +194,7 @@ def test_hh_rlhf_real_file_counts(shared_datasets):
 
 
 def test_hh_rlhf_real_rows_exact(shared_datasets):
-    examples, _ = load_preferences("hh-rlhf", str(shared_datasets / "hh-rlhf"))
+    examples, _ = load_preferences("hh-rlhf", str(shared_datasets / "hh-rlhf"), split="test")
     rows = hh_by_line(examples)
 
     assert rows[926].prompt == (Message("user", "list of profane bad words"),)
@@ -248,7 +248,7 @@ def test_parse_hh_dialogue_keeps_text_exactly():
 
 def test_hh_limit_counts_skipped_rows_honestly(shared_datasets):
     path = str(shared_datasets / "hh-rlhf")
-    examples, report = load_preferences("hh-rlhf", path, limit=700)
+    examples, report = load_preferences("hh-rlhf", path, limit=700, split="test")
     # Row 668 is the first skipped row, so 701 rows are read for 700 used.
     assert (len(examples), report.num_read, report.num_used, dict(report.skipped)) == (
         700,
@@ -270,19 +270,19 @@ def test_corrupt_jsonl_line(tmp_path):
 
 
 def test_corrupt_gzip(tmp_path):
-    path = tmp_path / "test.jsonl.gz"
+    path = tmp_path / "train.jsonl.gz"
     path.write_bytes(b"this is not gzip")
     with pytest.raises(DataError, match="gzip"):
         load_preferences("hh-rlhf", str(path))
 
 
 def test_gzip_jsonl_and_blank_lines(tmp_path):
-    path = tmp_path / "test.jsonl.gz"
+    path = tmp_path / "train.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.write(json.dumps({"chosen": hh("q", "good"), "rejected": hh("q", "bad")}) + "\n\n")
     examples, report = load_preferences("hh-rlhf", str(tmp_path))
     assert (report.num_read, report.num_used) == (1, 1)
-    assert examples[0].location == "test.jsonl.gz:1"
+    assert examples[0].location == "train.jsonl.gz:1"
     assert (examples[0].chosen, examples[0].rejected) == ("good", "bad")
 
 
@@ -543,12 +543,12 @@ def test_hub_rows_use_the_same_parser(monkeypatch, no_data_dir_env):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     examples, report = load_preferences("hh-rlhf", limit=1)
-    assert calls == [("Anthropic/hh-rlhf", {"split": "test", "data_dir": "harmless-base"})]
-    assert examples[0].location == "Anthropic/hh-rlhf@harmless-base[test] record 0"
-    assert report.origin == "Anthropic/hh-rlhf@harmless-base[test]"
-    with pytest.raises(DataError, match=r"Anthropic/hh-rlhf@harmless-base\[train\] record 1: field 'chosen'"):
-        load_preferences("hh-rlhf", "Anthropic/hh-rlhf@harmless-base[train]")
-    assert calls[-1] == ("Anthropic/hh-rlhf", {"split": "train", "data_dir": "harmless-base"})
+    assert calls == [("Anthropic/hh-rlhf", {"split": "train", "data_dir": "harmless-base"})]
+    assert examples[0].location == "Anthropic/hh-rlhf@harmless-base[train] record 0"
+    assert report.origin == "Anthropic/hh-rlhf@harmless-base[train]"
+    with pytest.raises(DataError, match=r"Anthropic/hh-rlhf@harmless-base\[test\] record 1: field 'chosen'"):
+        load_preferences("hh-rlhf", "Anthropic/hh-rlhf@harmless-base", split="test")
+    assert calls[-1] == ("Anthropic/hh-rlhf", {"split": "test", "data_dir": "harmless-base"})
 
 
 def test_hub_column_aliases(monkeypatch, no_data_dir_env):
@@ -590,7 +590,117 @@ def test_hub_failure_is_clear(monkeypatch, no_data_dir_env):
         load_prompts("strongreject")
 
 
-def test_registries_are_plain_dicts():
-    assert set(PREFERENCE_SOURCES) == {"hh-rlhf", "oasst2", "safety-tuned-llamas"}
-    assert PREFERENCE_SOURCES["oasst2"] is sources.load_oasst2
-    assert sources.DEFAULT_HUB["hh-rlhf"] == "Anthropic/hh-rlhf@harmless-base[test]"
+def test_registries_list_every_preference_source_and_its_splits():
+    names = {"hh-rlhf", "oasst2", "safety-tuned-llamas"}
+    assert set(PREFERENCE_SOURCES) == set(sources.PREFERENCE_SPLITS) == names
+    from bt_ray.data.build import SOURCE_SPLITS
+
+    assert {k: v for k, v in SOURCE_SPLITS.items() if k in PREFERENCE_SOURCES} == sources.PREFERENCE_SPLITS
+    # Behaviour, not identity: the registry's loader reads the OA fixture through load_preferences.
+    examples, report = load_preferences("oasst2", str(OA_TREES))
+    check_oa_fixture(examples, report)
+
+
+# ---------------------------------------------------------------- never train on what is evaluated
+
+
+def test_hh_rlhf_preference_default_is_the_train_split():
+    """Review A1: the training loader defaulted to harmless-base TEST, the set evaluation uses."""
+    assert sources.DEFAULT_HUB["hh-rlhf"] == "Anthropic/hh-rlhf@harmless-base[train]"
+    assert str(sources.resolve_preference_source("hh-rlhf", "Anthropic/hh-rlhf@harmless-base")) == (
+        "Anthropic/hh-rlhf@harmless-base[train]"
+    )
+
+
+def test_hh_rlhf_train_default_is_not_shipped_and_never_falls_back_to_test(shared_datasets, monkeypatch):
+    monkeypatch.setenv("BT_RAY_DATA_DIR", str(shared_datasets))
+    for path in (None, str(shared_datasets), str(shared_datasets / "hh-rlhf"),
+                 str(shared_datasets / "hh-rlhf/harmless-base")):
+        with pytest.raises(FileNotFoundError, match="train split is not shipped") as info:
+            load_preferences("hh-rlhf", path)
+        assert "Anthropic/hh-rlhf@harmless-base[train]" in str(info.value)
+    # The eval loader still reads the test split from the same places.
+    prompts, report = load_prompts("hh-rlhf")
+    assert report.origin.endswith("harmless-base/test.jsonl.gz") and len(prompts) == 2312
+
+
+def test_hh_rlhf_train_default_offline_hub_says_what_to_do(monkeypatch, no_data_dir_env):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(repo, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{repo}' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match=r"harmless-base\[train\].*Couldn't reach.*not shipped"):
+        load_preferences("hh-rlhf")
+
+
+def test_hh_rlhf_split_chooses_the_file_in_a_directory(tmp_path):
+    base = tmp_path / "harmless-base"
+    base.mkdir()
+    for split in ("train", "test"):
+        row = {"chosen": hh("q", f"{split} good"), "rejected": hh("q", "bad")}
+        write_jsonl(base / f"{split}.jsonl", [row])
+    assert load_preferences("hh-rlhf", str(tmp_path))[0][0].chosen == "train good"
+    assert load_preferences("hh-rlhf", str(tmp_path), split="train")[0][0].chosen == "train good"
+    assert load_preferences("hh-rlhf", str(tmp_path), split="test")[0][0].chosen == "test good"
+    # A file named for one split is never read as another; a split cannot apply to an unnamed file.
+    with pytest.raises(ValueError, match=r"is the test split \(by its name\) but split null \(= train"):
+        load_preferences("hh-rlhf", str(base / "test.jsonl"))
+    with pytest.raises(ValueError, match="is the train split .* but split 'test'"):
+        load_preferences("hh-rlhf", str(base / "train.jsonl"), split="test")
+    other = write_jsonl(tmp_path / "mine.jsonl", [{"chosen": hh("q", "a"), "rejected": hh("q", "b")}])
+    assert load_preferences("hh-rlhf", str(other))[1].num_used == 1
+    with pytest.raises(ValueError, match="split 'train' cannot apply to .*mine.jsonl"):
+        load_preferences("hh-rlhf", str(other), split="train")
+    with pytest.raises(ValueError, match="split must be one of train, test"):
+        load_preferences("hh-rlhf", str(tmp_path), split="validation")
+    with pytest.raises(ValueError, match=r"names split 'test' but split 'train'"):
+        sources.resolve_preference_source("hh-rlhf", "Anthropic/hh-rlhf@harmless-base[test]", "train")
+
+
+@pytest.mark.parametrize("name", ["oasst2", "safety-tuned-llamas"])
+def test_sources_without_splits_reject_a_split(name):
+    with pytest.raises(ValueError, match=f"{name}: this source has no splits.*got 'train'"):
+        load_preferences(name, str(OA_TREES), split="train")
+
+
+def test_hh_rlhf_extra_columns_are_kept_in_meta(tmp_path):
+    path = write_jsonl(tmp_path / "labelled.jsonl", [
+        {"chosen": hh("q", "a"), "rejected": hh("q", "b"), "rejected_unsafe": True, "chosen_unsafe": None},
+    ])
+    (example,), _ = load_preferences("hh-rlhf", str(path))
+    assert example.meta == {"num_turns": 1, "rejected_unsafe": True, "chosen_unsafe": None}
+    clash = write_jsonl(tmp_path / "clash.jsonl", [{"chosen": hh("q", "a"), "rejected": hh("q", "b"),
+                                                    "num_turns": 4}])
+    with pytest.raises(DataError, match=r"clash.jsonl:1: field 'num_turns' clashes"):
+        load_preferences("hh-rlhf", str(clash))
+
+
+def test_eval_test_sets_cover_every_eval_dataset(shared_datasets, monkeypatch):
+    from bt_ray.eval.config import EVAL_DATASETS
+
+    monkeypatch.setenv("BT_RAY_DATA_DIR", str(shared_datasets))
+    test_sets = {t.name: t for t in sources.eval_test_sets()}
+    assert set(test_sets) == set(EVAL_DATASETS)
+    hh_test = test_sets["hh-rlhf"]
+    assert hh_test.file == (shared_datasets / "hh-rlhf/harmless-base/test.jsonl.gz").resolve()
+    assert str(hh_test.hub) == "Anthropic/hh-rlhf@harmless-base[test]"
+    assert test_sets["advbench"].file == (shared_datasets / "advbench/harmful_behaviors.csv").resolve()
+
+
+def test_eval_overlap_by_path_content_and_hub(shared_datasets, tmp_path, monkeypatch, no_data_dir_env):
+    test_file = shared_datasets / "hh-rlhf/harmless-base/test.jsonl.gz"
+    # Without BT_RAY_DATA_DIR evaluation would read the hub's test split; a copy of the shipped file
+    # is still recognised by its content.
+    test_sets = sources.eval_test_sets()
+    copy = tmp_path / "my_copy.jsonl.gz"
+    copy.write_bytes(test_file.read_bytes())
+    assert sources.eval_overlap(copy, test_sets).name == "hh-rlhf"
+    hub = sources._Hub
+    assert sources.eval_overlap(hub("Anthropic/hh-rlhf", None, "test"), test_sets).name == "hh-rlhf"
+    assert sources.eval_overlap(hub("Anthropic/hh-rlhf", "harmless-base", "train"), test_sets) is None
+    other = write_jsonl(tmp_path / "train.jsonl", [{"chosen": hh("q", "a"), "rejected": hh("q", "b")}])
+    assert sources.eval_overlap(other, test_sets) is None
+    monkeypatch.setenv("BT_RAY_DATA_DIR", str(shared_datasets))
+    assert sources.eval_overlap(test_file, sources.eval_test_sets()).name == "hh-rlhf"
