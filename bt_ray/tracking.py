@@ -65,6 +65,26 @@ def _experiment_id(client, name: str, tracking_uri: str, run_root: Path) -> str:
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
+def _reopenable(client, run_id: str):
+    """The run ``run_id`` if the store holds it live; None if the store does not know it or it was deleted.
+
+    Only "does not exist" means "start a new run". Any other failure (a server that is down or answers
+    500, a permission error) is raised: treating it as "not found" would create a duplicate run and
+    overwrite the run id file, splitting one stage's history over two runs.
+    """
+    from mlflow.entities import LifecycleStage
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):  # the store was deleted or moved
+            return None
+        raise
+    return None if run.info.lifecycle_stage == LifecycleStage.DELETED else run
+
+
 class StageRun:
     """The driver's handle on one stage's MLflow run.
 
@@ -81,15 +101,16 @@ class StageRun:
         self._client = _client(tracking_uri)
         id_file = self.run_dir / RUN_ID_FILE
         self.resumed = False
-        if id_file.is_file():
-            run_id = id_file.read_text().strip()
-            try:
-                self._client.get_run(run_id)
-                self.resumed = True
-            except Exception:  # the store was deleted or moved: start a new run
-                run_id = None
-        else:
-            run_id = None
+        run = _reopenable(self._client, id_file.read_text().strip()) if id_file.is_file() else None
+        run_id = None if run is None else run.info.run_id
+        if run is not None:
+            found = self._client.get_experiment(run.info.experiment_id).name
+            if found != experiment:  # MLflow cannot move a run; never log into an experiment not asked for
+                raise ValueError(
+                    f"{id_file} names MLflow run {run_id} in experiment {found!r}, but mlflow.experiment is "
+                    f"{experiment!r}; keep {found!r} to resume, or choose another run.name to start over"
+                )
+            self.resumed = True
         if run_id is None:
             experiment_id = _experiment_id(self._client, experiment, tracking_uri, self.run_dir.parent)
             run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id

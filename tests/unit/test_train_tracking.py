@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+
+import pytest
+
 from bt_ray.tracking import MAX_PARAM_VALUE_LENGTH, StageRun, cap_params, log_metrics, resolve_tracking_uri
 
 
@@ -67,3 +71,67 @@ def test_a_deleted_store_starts_a_new_run(tmp_path, monkeypatch):
     other_root.mkdir()
     second = StageRun(f"sqlite:///{other_root / 'mlflow.db'}", "exp", run_dir, "r")
     assert second.run_id != first.run_id and not second.resumed
+
+
+def test_a_deleted_run_starts_a_new_run(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri, run_dir = resolve_tracking_uri(None, tmp_path), tmp_path / "r"
+    first = StageRun(uri, "exp", run_dir, "r")
+    MlflowClient(uri).delete_run(first.run_id)
+    second = StageRun(uri, "exp", run_dir, "r")
+    assert second.run_id != first.run_id and not second.resumed
+    assert (run_dir / "mlflow_run_id").read_text().strip() == second.run_id
+
+
+def test_a_run_id_the_store_does_not_know_starts_a_new_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "mlflow_run_id").write_text("0" * 32 + "\n")
+    run = StageRun(resolve_tracking_uri(None, tmp_path), "exp", run_dir, "r")
+    assert not run.resumed and run.run_id != "0" * 32
+
+
+def test_a_store_error_on_reopen_is_raised_not_taken_for_a_missing_run(tmp_path, monkeypatch):
+    """Only "run does not exist" starts a new run; a failing store must not split a stage over two runs."""
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "r"
+    first = StageRun(resolve_tracking_uri(None, tmp_path), "exp", run_dir, "r")
+    id_file = run_dir / "mlflow_run_id"
+
+    # A server that is down: the error is about reading the run, and nothing else is tried.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(MlflowException, match="runs/get"):
+        StageRun(f"http://127.0.0.1:{closed_port}", "exp", run_dir, "r")
+    assert id_file.read_text().strip() == first.run_id
+
+    # A store that rejects the id (here a corrupted id file) is an error, not a reason to start over.
+    id_file.write_text("../x\n")
+    with pytest.raises(MlflowException, match="Invalid value"):
+        StageRun(resolve_tracking_uri(None, tmp_path), "exp", run_dir, "r")
+    assert id_file.read_text() == "../x\n"
+
+
+def test_a_resumed_run_refuses_a_changed_experiment(tmp_path, monkeypatch):
+    """A reopened run stays in its experiment, so a new mlflow.experiment is refused, never ignored."""
+    from bt_ray import config
+    from bt_ray.train.config import SFTJobCfg
+    from bt_ray.train.driver import check_resumable
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri, run_dir = resolve_tracking_uri(None, tmp_path), tmp_path / "r"
+    StageRun(uri, "exp", run_dir, "r")
+    with pytest.raises(ValueError, match="in experiment 'exp', but mlflow.experiment is 'other'"):
+        StageRun(uri, "other", run_dir, "r")
+
+    config.dump(config.load(SFTJobCfg, None, ["mlflow.experiment=exp"]), run_dir / "config.yaml")
+    with pytest.raises(ValueError, match="mlflow.experiment: 'exp' -> 'other'"):
+        check_resumable(config.load(SFTJobCfg, None, ["mlflow.experiment=other"]), run_dir)
