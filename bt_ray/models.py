@@ -10,6 +10,11 @@ Presets:
   once into an HF directory under the cache dir.
 
 Anything else is passed to ``from_pretrained`` (a local HF directory or a hub id).
+
+A directory saved by bt-ray (``save_model``, training checkpoints) records which token is
+``[RESET]`` (text and id) in ``bt_ray.json``; loading it takes the token from there, so eval and DPO
+use the id the model was trained with whatever the config says, and a config that names another
+token is refused.
 """
 
 from __future__ import annotations
@@ -22,11 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from bt_ray.config import check
-from bt_ray.reset import RESET_TOKEN, ResetInfo, add_reset_token, ensure_chat_template, resize_embeddings
+from bt_ray.config import ConfigError, check
+from bt_ray.reset import (
+    RESET_TOKEN,
+    ResetInfo,
+    add_reset_token,
+    ensure_chat_template,
+    registered_reset,
+    resize_embeddings,
+)
 
 PRESETS = ("tiny", "smollm2-135m")
 BT_RAY_METADATA = "bt_ray.json"
+RESET_METADATA_KEY = "reset_token"
+"""Key of ``bt_ray.json`` holding ``{"token": text, "id": id}`` of the dir's ``[RESET]``."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -69,9 +83,10 @@ class ModelCfg:
     name: str = "tiny"
     """A preset (tiny, smollm2-135m), a local HF directory, or a hub id."""
     reset_token: str = RESET_TOKEN
-    """Text of the special token added for backtracking."""
+    """Text of the special token added for backtracking (left default on a bt-ray dir: the dir's token)."""
     reuse_token: str | None = None
-    """Use this existing token as [RESET] instead of adding one (e.g. <|reserved_special_token_0|>)."""
+    """Use this added/special token as [RESET] instead of adding one (e.g. <|reserved_special_token_0|>);
+    null on a bt-ray dir: the dir's recorded token."""
     pad_to_multiple_of: int = 64
     """Embedding rows are padded to a multiple of this after adding tokens."""
     chat_template: str | None = None
@@ -176,12 +191,48 @@ def _load_base_tokenizer(cfg: ModelCfg):
     return AutoTokenizer.from_pretrained(source)
 
 
-def _prepare_tokenizer(tokenizer, cfg: ModelCfg) -> ResetInfo:
+def recorded_reset(cfg: ModelCfg) -> dict | None:
+    """The ``[RESET]`` a bt-ray dir records (``{"token", "id"}``), checked against the config.
+
+    None when ``cfg.name`` is a preset, a hub id, a plain HF dir, or a bt-ray dir saved before the
+    token was recorded: the config's ``reset_token``/``reuse_token`` apply then.
+
+    Raises:
+        ConfigError: ``model.reuse_token`` names another token, or ``model.reset_token`` is set (not
+            the default) to another token, than the dir records.
+    """
+    meta_path = Path(cfg.name) / BT_RAY_METADATA
+    if not meta_path.is_file():
+        return None
+    recorded = json.loads(meta_path.read_text()).get(RESET_METADATA_KEY)
+    if recorded is None:
+        return None
+    token = recorded["token"]
+    errors = []
+    if cfg.reuse_token is not None and cfg.reuse_token != token:
+        errors.append(f"model.reuse_token is {cfg.reuse_token!r} but the model was trained with {token!r} "
+                      f"(id {recorded['id']}) as [RESET]; leave model.reuse_token unset")
+    if cfg.reset_token != RESET_TOKEN and cfg.reset_token != token:
+        errors.append(f"model.reset_token is {cfg.reset_token!r} but the model was trained with {token!r} "
+                      f"(id {recorded['id']}) as [RESET]; leave model.reset_token unset")
+    if errors:
+        raise ConfigError(errors, header=f"model settings disagree with {meta_path}")
+    return recorded
+
+
+def _prepare_tokenizer(tokenizer, cfg: ModelCfg, recorded: dict | None) -> ResetInfo:
     ensure_chat_template(tokenizer, cfg.chat_template)
     if tokenizer.pad_token is None:
         # Batched generation and padding need one; reuse EOS as is customary.
         tokenizer.pad_token = tokenizer.eos_token
-    return add_reset_token(tokenizer, token=cfg.reset_token, reuse_token=cfg.reuse_token)
+    if recorded is None:
+        return add_reset_token(tokenizer, token=cfg.reset_token, reuse_token=cfg.reuse_token)
+    # A bt-ray dir: its tokenizer already holds the token, as an added special token.
+    info = add_reset_token(tokenizer, reuse_token=recorded["token"])
+    if info.token_id != recorded["id"]:
+        raise ValueError(f"{cfg.name}: the tokenizer gives {info.token!r} id {info.token_id} but "
+                         f"{BT_RAY_METADATA} records id {recorded['id']}")
+    return info
 
 
 def load_tokenizer(cfg: ModelCfg):
@@ -190,8 +241,9 @@ def load_tokenizer(cfg: ModelCfg):
     Returns:
         ``(tokenizer, reset_info)``.
     """
+    recorded = recorded_reset(cfg)
     tokenizer = _load_base_tokenizer(cfg)
-    return tokenizer, _prepare_tokenizer(tokenizer, cfg)
+    return tokenizer, _prepare_tokenizer(tokenizer, cfg, recorded)
 
 
 def load_model(cfg: ModelCfg):
@@ -204,6 +256,7 @@ def load_model(cfg: ModelCfg):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     dtype = getattr(torch, cfg.dtype)
+    recorded = recorded_reset(cfg)  # before the weights: a disagreeing config fails fast
     tokenizer = _load_base_tokenizer(cfg)
     num_old = len(tokenizer)
     if cfg.name == "tiny":
@@ -227,7 +280,7 @@ def load_model(cfg: ModelCfg):
         source = str(smollm2_dir(cfg)) if cfg.name == "smollm2-135m" else cfg.name
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         num_old = min(num_old, model.get_input_embeddings().weight.shape[0])
-    info = _prepare_tokenizer(tokenizer, cfg)
+    info = _prepare_tokenizer(tokenizer, cfg, recorded)
     resize_embeddings(model, len(tokenizer), num_old, pad_to_multiple_of=cfg.pad_to_multiple_of)
     _set_generation_ids(model, tokenizer)
     return model, tokenizer, info
@@ -245,13 +298,36 @@ def _set_generation_ids(model, tokenizer) -> None:
 
 
 def save_model(model, tokenizer, out_dir: str | Path, metadata: dict) -> Path:
-    """Save an HF directory loadable by plain ``from_pretrained``, plus ``bt_ray.json`` metadata."""
+    """Save an HF directory loadable by plain ``from_pretrained``, plus ``bt_ray.json`` metadata.
+
+    ``bt_ray.json`` always records the ``[RESET]`` registered on ``tokenizer`` (``write_metadata``).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / BT_RAY_METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+    write_metadata(out_dir, metadata, tokenizer)
     return out_dir
+
+
+def write_metadata(out_dir: str | Path, metadata: dict, tokenizer) -> Path:
+    """Write ``bt_ray.json``: ``metadata`` plus the tokenizer's ``[RESET]`` (text and id).
+
+    The token is read from the tokenizer (``registered_reset``), not from a config, so every bt-ray
+    dir (``save_model``, training checkpoints) says which id the model learned as ``[RESET]``.
+
+    Raises:
+        ValueError: the tokenizer has no ``[RESET]`` registered, or ``metadata`` names another one.
+    """
+    info = registered_reset(tokenizer)
+    reset = {"token": info.token, "id": info.token_id}
+    if metadata.get(RESET_METADATA_KEY, reset) != reset:
+        raise ValueError(f"metadata[{RESET_METADATA_KEY!r}] = {metadata[RESET_METADATA_KEY]!r} is not the "
+                         f"tokenizer's [RESET] {reset!r}")
+    path = Path(out_dir) / BT_RAY_METADATA
+    text = json.dumps({**metadata, RESET_METADATA_KEY: reset}, indent=2, sort_keys=True, default=str)
+    path.write_text(text)
+    return path
 
 
 def describe(model, tokenizer, info: ResetInfo) -> dict:

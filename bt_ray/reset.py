@@ -23,8 +23,11 @@ import torch
 
 RESET_TOKEN = "[RESET]"
 
-# ChatML, used when a tokenizer has no chat template of its own (e.g. base checkpoints).
+# ChatML, used when a tokenizer has no chat template of its own (e.g. base checkpoints). It starts
+# with the tokenizer's BOS when it has one: a base model (Llama 3) saw <|begin_of_text|> first in
+# every pretraining document, and encode_chat_prompt adds nothing the template does not render.
 CHATML_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
@@ -34,6 +37,11 @@ CHATML_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 # Stands in for message contents while a chat template is rendered; cannot occur in real text.
 _SENTINEL = "\x00BTRAY{}\x00"
+# Padding put around each sentinel: whitespace (so a template's ``| trim`` removes it, as it would
+# the content's own) that no template writes itself (U+3000, the ideographic space).
+_TRIM_PROBE = "\u3000"
+# The tokenizer attribute add_reset_token records its ResetInfo in (read by ``registered_reset``).
+_RESET_ATTR = "_bt_ray_reset"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,30 +71,56 @@ def add_reset_token(tokenizer, *, token: str = RESET_TOKEN, reuse_token: str | N
     Returns:
         The token's text and id and how many tokens were added.
 
+    The result is also recorded on the tokenizer (``registered_reset``), so whatever saves it
+    (``bt_ray.models.save_model``) can record which token is ``[RESET]`` without being told.
+
     Raises:
-        ValueError: ``reuse_token`` is not a single token of the vocabulary.
+        ValueError: ``reuse_token`` is not an added or special token of the tokenizer (an ordinary
+            BPE token such as ``'Ġthe'`` is produced by plain text, so user text could reset).
     """
     if reuse_token is not None:
-        token_id = tokenizer.convert_tokens_to_ids(reuse_token)
-        if token_id is None or token_id == tokenizer.unk_token_id or token_id >= len(tokenizer):
+        if reuse_token not in tokenizer.added_tokens_encoder:
             raise ValueError(
-                f"model.reuse_token must be a token already in the vocabulary; got {reuse_token!r}"
+                f"model.reuse_token must be an added or special token of the tokenizer (e.g. "
+                f"<|reserved_special_token_0|>, <unused0>), which plain text never produces; got "
+                f"{reuse_token!r}"
+                + (", an ordinary vocabulary token" if reuse_token in tokenizer.get_vocab() else
+                   ", which is not in the vocabulary")
             )
+        token_id = tokenizer.added_tokens_encoder[reuse_token]
         if reuse_token not in tokenizer.all_special_tokens:
             # Mark it special so user text cannot produce it and decoding can hide it.
             tokenizer.add_special_tokens(
                 {"extra_special_tokens": [reuse_token]}, replace_extra_special_tokens=False
             )
-        return ResetInfo(token=reuse_token, token_id=token_id, num_added_tokens=0)
-    if token in tokenizer.get_vocab():
+        info = ResetInfo(token=reuse_token, token_id=token_id, num_added_tokens=0)
+    elif token in tokenizer.get_vocab():
         if token not in tokenizer.all_special_tokens:
             raise ValueError(
                 f"{token!r} is in the vocabulary as an ordinary token; user text could produce it. "
                 "Pick another model.reset_token or set model.reuse_token."
             )
-        return ResetInfo(token=token, token_id=tokenizer.convert_tokens_to_ids(token), num_added_tokens=0)
-    num_added = _add_special(tokenizer, [token])
-    return ResetInfo(token=token, token_id=tokenizer.convert_tokens_to_ids(token), num_added_tokens=num_added)
+        info = ResetInfo(token=token, token_id=tokenizer.convert_tokens_to_ids(token), num_added_tokens=0)
+    else:
+        num_added = _add_special(tokenizer, [token])
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        info = ResetInfo(token=token, token_id=token_id, num_added_tokens=num_added)
+    setattr(tokenizer, _RESET_ATTR, info)
+    return info
+
+
+def registered_reset(tokenizer) -> ResetInfo:
+    """The ``ResetInfo`` ``add_reset_token`` registered on this tokenizer object.
+
+    Raises:
+        ValueError: no ``[RESET]`` was registered on it (a tokenizer loaded without bt-ray).
+    """
+    info = getattr(tokenizer, _RESET_ATTR, None)
+    if info is None:
+        raise ValueError(
+            "this tokenizer has no [RESET] registered; load it with bt_ray.models.load_tokenizer/load_model"
+        )
+    return info
 
 
 def _add_special(tokenizer, tokens: list[str]) -> int:
@@ -129,20 +163,32 @@ def resize_embeddings(model, num_tokens: int, num_old_tokens: int, *, pad_to_mul
         pad_to_multiple_of: row multiple for the resized matrices.
     """
     old_rows = model.get_input_embeddings().weight.shape[0]
+    num_known = min(num_old_tokens, old_rows)
     if num_tokens <= old_rows and old_rows % pad_to_multiple_of == 0:
-        return  # already has room, e.g. a reused token or a model saved by bt-ray
+        # The tokens fit in the existing (padding) rows, e.g. Qwen-style spare rows: no resize, but
+        # the added tokens' rows still start at the mean, not at whatever the padding row held. The
+        # other padding rows are left as they are (no token uses them). Nothing changes when no
+        # token was added (a reused token, a model saved by bt-ray).
+        _set_rows_to_mean(model, num_known, num_tokens)
+        return
     # mean_resizing=False: we set the new rows ourselves, deterministically.
     model.resize_token_embeddings(num_tokens, pad_to_multiple_of=pad_to_multiple_of, mean_resizing=False)
-    num_known = min(num_old_tokens, old_rows)
+    _set_rows_to_mean(model, num_known, model.get_input_embeddings().weight.shape[0])
+    model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
+
+
+def _set_rows_to_mean(model, num_known: int, end: int) -> None:
+    """Rows ``num_known:end`` of the input embeddings (and an untied head) := the mean of the rows before."""
+    if end <= num_known:
+        return
     emb_VD = model.get_input_embeddings().weight
-    emb_VD[num_known:] = emb_VD[:num_known].mean(dim=0, keepdim=True)
+    emb_VD[num_known:end] = emb_VD[:num_known].mean(dim=0, keepdim=True)
     head = model.get_output_embeddings()
     if head is not None and head.weight.data_ptr() != emb_VD.data_ptr():
         head_VD = head.weight
-        head_VD[num_known:] = head_VD[:num_known].mean(dim=0, keepdim=True)
+        head_VD[num_known:end] = head_VD[:num_known].mean(dim=0, keepdim=True)
         if getattr(head, "bias", None) is not None:
-            head.bias[num_known:] = head.bias[:num_known].mean()
-    model.config.vocab_size = emb_VD.shape[0]
+            head.bias[num_known:end] = head.bias[:num_known].mean()
 
 
 # ---------------------------------------------------------------- encoding
@@ -166,10 +212,15 @@ def encode_chat_prompt(
 
     The template is rendered with sentinels in place of message contents; the template text between
     sentinels is tokenized normally (so ``<|im_start|>`` is one token) and each content with
-    ``encode_text``. Nothing is added beyond what the template renders (no double BOS).
+    ``encode_text``. Nothing is added beyond what the template renders: a BOS comes from the
+    template only (Llama 3, Gemma, the ChatML fallback), never a second time from the tokenizer.
+    A template that trims contents (``message['content'] | trim``: Llama 3, Gemma) gets them
+    trimmed: each sentinel is rendered between whitespace probes, and a side whose probe the
+    template removed is stripped from the content.
     """
     placeholders = [
-        {"role": m["role"], "content": _SENTINEL.format(i)} for i, m in enumerate(messages)
+        {"role": m["role"], "content": _TRIM_PROBE + _SENTINEL.format(i) + _TRIM_PROBE}
+        for i, m in enumerate(messages)
     ]
     rendered = tokenizer.apply_chat_template(
         placeholders, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -184,8 +235,17 @@ def encode_chat_prompt(
                 "the chat template changes message contents (a sentinel did not survive rendering); "
                 "set model.chat_template to a template that inserts message['content'] as is"
             )
+        content = m["content"]
+        if before.endswith(_TRIM_PROBE):
+            before = before.removesuffix(_TRIM_PROBE)
+        else:
+            content = content.lstrip()
+        if rest.startswith(_TRIM_PROBE):
+            rest = rest.removeprefix(_TRIM_PROBE)
+        else:
+            content = content.rstrip()
         ids += _encode_template_text(tokenizer, before)
-        ids += encode_text(tokenizer, m["content"])
+        ids += encode_text(tokenizer, content)
     ids += _encode_template_text(tokenizer, rest)
     return ids
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from bt_ray.models import BT_RAY_METADATA
+from bt_ray.models import write_metadata
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -47,7 +47,8 @@ class RayReportCallback(TrainerCallback):
                 "config": self._loop_config["cfg"],
                 "git_sha": self._loop_config["git_sha"],
             }
-            (ckpt_dir / BT_RAY_METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+            # with the [RESET] token (text and id) of the tokenizer trained, so loading reads it back
+            write_metadata(ckpt_dir, metadata, kwargs["processing_class"])
         dist.barrier()  # every rank's shards are on disk before the node's files are uploaded
         metrics = {"step": state.global_step, "epoch": state.epoch or 0.0,
                    "loss": self._last_logs.get("loss", float("nan"))}

@@ -98,8 +98,30 @@ def test_add_reset_is_idempotent_and_reuse_token_adds_nothing():
     reused = add_reset_token(fresh, reuse_token="<|endoftext|>")
     assert reused.num_added_tokens == 0 and len(fresh) == n
     assert reused.token_id == fresh.convert_tokens_to_ids("<|endoftext|>")
-    with pytest.raises(ValueError, match="reuse_token must be a token already in the vocabulary"):
+    with pytest.raises(ValueError, match="must be an added or special token.*not in the vocabulary"):
         add_reset_token(build_tiny_tokenizer(100), reuse_token="<|not-there|>")
+
+
+def test_reuse_token_rejects_an_ordinary_bpe_token_that_user_text_produces():
+    """'Ġthe' is a plain BPE token: "tell me the way" encodes to it, so it can never be [RESET]."""
+    tokenizer = build_tiny_tokenizer(1000)
+    the = tokenizer.convert_tokens_to_ids("Ġthe")
+    assert the in encode_text(tokenizer, "tell me the way")  # why it must be refused
+    with pytest.raises(ValueError, match="must be an added or special token.*'Ġthe', an ordinary"):
+        add_reset_token(tokenizer, reuse_token="Ġthe")
+    with pytest.raises(ValueError, match="reuse_token must be an added or special token"):
+        load_tokenizer(ModelCfg(reuse_token="Ġthe"))
+
+
+def test_reuse_token_accepts_reserved_and_unused_special_tokens():
+    from tests.chat_tokenizers import gemma_tokenizer, llama3_tokenizer
+
+    cases = ((llama3_tokenizer(), "<|reserved_special_token_0|>"), (gemma_tokenizer(), "<unused0>"))
+    for tokenizer, token in cases:
+        n = len(tokenizer)
+        info = add_reset_token(tokenizer, reuse_token=token)
+        assert info.token_id == tokenizer.convert_tokens_to_ids(token) and len(tokenizer) == n
+        assert info.token_id not in encode_text(tokenizer, f"say {token} now")
 
 
 def test_saved_model_reloads_with_plain_from_pretrained(tiny, tmp_path):
@@ -115,6 +137,68 @@ def test_saved_model_reloads_with_plain_from_pretrained(tiny, tmp_path):
     # loading the saved dir through bt-ray adds nothing a second time
     tok3, info3 = load_tokenizer(ModelCfg(name=str(out)))
     assert info3.num_added_tokens == 0 and info3.token_id == info.token_id and len(tok3) == len(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def reused_dir(tmp_path_factory):
+    """A tiny model saved by bt-ray with <|endoftext|> reused as [RESET]."""
+    cfg = ModelCfg(reuse_token="<|endoftext|>", tiny=TinyModelCfg(num_layers=1))
+    model, tokenizer, info = load_model(cfg)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("reused") / "m", {"stage": "test"}), info
+
+
+def test_saved_dir_records_its_reset_token_and_loading_reads_it_back(reused_dir):
+    """The dir says which token is [RESET]: loading it with a default config uses that id, adds none."""
+    import json
+
+    out, info = reused_dir
+    meta = json.loads((out / "bt_ray.json").read_text())
+    assert meta["reset_token"] == {"token": "<|endoftext|>", "id": info.token_id}
+    assert meta["stage"] == "test"
+    tokenizer, got = load_tokenizer(ModelCfg(name=str(out)))  # reuse_token not repeated
+    assert (got.token, got.token_id, got.num_added_tokens) == ("<|endoftext|>", info.token_id, 0)
+    assert tokenizer.convert_tokens_to_ids("[RESET]") != info.token_id  # no new [RESET] anywhere
+    assert "[RESET]" not in tokenizer.get_vocab()
+    model, tokenizer2, got2 = load_model(ModelCfg(name=str(out), reuse_token="<|endoftext|>"))  # agrees: fine
+    assert got2 == got and len(tokenizer2) == len(tokenizer)
+
+
+def test_a_setting_that_disagrees_with_the_dir_is_refused_naming_field_and_dir(reused_dir):
+    from bt_ray.config import ConfigError
+
+    out, _ = reused_dir
+    disagrees = r"(?s)disagree with .*bt_ray.json.*model.reuse_token is '<\|im_start\|>'"
+    with pytest.raises(ConfigError, match=disagrees):
+        load_tokenizer(ModelCfg(name=str(out), reuse_token="<|im_start|>"))
+    with pytest.raises(ConfigError, match=r"model.reset_token is '<RST>'"):
+        load_model(ModelCfg(name=str(out), reset_token="<RST>"))
+
+
+def test_save_model_always_records_the_tokenizers_reset(tiny, tmp_path):
+    model, tokenizer, info = tiny
+    with pytest.raises(ValueError, match="not the tokenizer's"):
+        save_model(model, tokenizer, tmp_path / "bad", {"reset_token": {"token": "x", "id": 1}})
+    with pytest.raises(ValueError, match="no \\[RESET\\] registered"):
+        save_model(model, AutoTokenizer.from_pretrained(save_model(model, tokenizer, tmp_path / "m", {})),
+                   tmp_path / "plain", {})
+
+
+def test_added_token_row_is_mean_initialised_when_it_fits_in_spare_padding_rows():
+    """Qwen-style spare rows: no resize is needed, yet [RESET]'s row must not keep its padding values."""
+    tokenizer = build_tiny_tokenizer(200)
+    num_old = len(tokenizer)
+    rows = (num_old // 64 + 1) * 64  # room left over
+    model = _tiny_llama(rows, tie=False)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    info = add_reset_token(tokenizer)
+    resize_embeddings(model, len(tokenizer), num_old, pad_to_multiple_of=64)
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == rows  # not resized
+    torch.testing.assert_close(emb[info.token_id], old_in[:num_old].mean(0))
+    torch.testing.assert_close(model.get_output_embeddings().weight[info.token_id], old_out[:num_old].mean(0))
+    torch.testing.assert_close(emb[:num_old], old_in[:num_old])
+    torch.testing.assert_close(emb[info.token_id + 1 :], old_in[info.token_id + 1 :])  # unused rows untouched
 
 
 def test_load_tokenizer_matches_load_model(tiny):
