@@ -8,7 +8,12 @@ For each model (a preset or an HF directory): the Ray Data pipeline (generate on
 backtracking post-processing -> judge) writes <run_dir>/<label>/main/rows.jsonl and metrics.json;
 optional worst-of-k sampling and a [RESET] bias sweep add their own rows and a trade-off plot. One
 MLflow run per model (children of one parent when there are several) with identical metric names;
-the store is $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db. summary.json ties it together.
+the store is $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db. summary.json ties it together,
+with the paired, cluster-aware comparisons of the ``compare`` pairs (``report.compare_pairs``).
+
+Before Ray starts, a model trained on a synthetic world with another train/eval split than
+``synthetic`` is refused (``pipeline.check_synthetic_world``). A run with more error rows than
+``max_error_fraction`` fails, naming the engine or judge.
 """
 
 from __future__ import annotations
@@ -23,9 +28,16 @@ from pathlib import Path
 from bt_ray import config
 from bt_ray.eval.config import EvalCfg
 from bt_ray.eval.engines import resolve_kind
-from bt_ray.eval.metrics import worst_of_k
-from bt_ray.eval.pipeline import evaluate_model, expand, load_items
-from bt_ray.eval.report import flat_metrics, plot_sweep, side_by_side, sweep_point
+from bt_ray.eval.metrics import POOLED_SAFETY_SETS, worst_of_k
+from bt_ray.eval.pipeline import check_synthetic_world, evaluate_model, expand, load_items
+from bt_ray.eval.report import (
+    compare_pairs,
+    flat_metrics,
+    format_pairs,
+    plot_sweep,
+    side_by_side,
+    sweep_point,
+)
 from bt_ray.models import PRESETS
 
 
@@ -70,7 +82,8 @@ def setup_mlflow(cfg: EvalCfg, run_dir: Path):
 def evaluate_one(cfg: EvalCfg, name: str, out: Path, items: list[dict]) -> tuple[dict, list[dict]]:
     """Main evaluation, then worst-of-k and the bias sweep when configured; returns metrics and sweep."""
     model = dataclasses.replace(cfg.model, name=name)
-    run = dict(model=model, engine=cfg.engine, judge=cfg.judge)
+    run = dict(model=model, engine=cfg.engine, judge=cfg.judge, max_error_fraction=cfg.max_error_fraction,
+               num_resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)
     # ---- 1. main table: greedy (by default) through the backtracking decoder
     metrics = evaluate_model(expand(items), out / "main", decode=cfg.decode, **run)
     # ---- 2. worst-of-k under temperature sampling, harmful prompts only
@@ -78,8 +91,9 @@ def evaluate_one(cfg: EvalCfg, name: str, out: Path, items: list[dict]) -> tuple
         harmful = [it for it in items if it["harmful"]]
         sampled = dataclasses.replace(cfg.decode, temperature=cfg.worst_of_k_temperature)
         evaluate_model(expand(harmful, max(cfg.worst_of_k)), out / "worst_of_k", decode=sampled, **run)
-        rows = [json.loads(line) for line in (out / "worst_of_k" / "rows.jsonl").read_text().splitlines()]
-        metrics["worst_of_k"] = worst_of_k(rows, cfg.worst_of_k)
+        rows = read_rows(out / "worst_of_k" / "rows.jsonl")
+        metrics["worst_of_k"] = worst_of_k(rows, cfg.worst_of_k, num_resamples=cfg.bootstrap_resamples,
+                                           seed=cfg.bootstrap_seed)
     # ---- 3. [RESET] bias sweep: safety vs efficiency
     sweep = []
     for b in cfg.bias_sweep:
@@ -92,6 +106,30 @@ def evaluate_one(cfg: EvalCfg, name: str, out: Path, items: list[dict]) -> tuple
     return metrics, sweep
 
 
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def compare_keys_of(cfg: EvalCfg) -> list[str]:
+    """``compare_keys``, or by default every dataset, pooled (with 2+ pooled sets), every worst-of-K."""
+    if cfg.compare_keys:
+        return list(cfg.compare_keys)
+    names = list(dict.fromkeys(d.name for d in cfg.datasets))
+    pooled = ["pooled"] if len(set(names) & set(POOLED_SAFETY_SETS)) > 1 else []
+    return names + pooled + [f"worst-of-{k}" for k in cfg.worst_of_k]
+
+
+def comparisons(cfg: EvalCfg, run_dir: Path) -> list[dict]:
+    """The ``compare`` pairs from the rows files under ``run_dir`` (paired, cluster-aware)."""
+    rows = {}
+    for label in {label for pair in cfg.compare for label in pair}:
+        rows[label] = {"main": read_rows(run_dir / label / "main" / "rows.jsonl")}
+        if cfg.worst_of_k:
+            rows[label]["worst_of_k"] = read_rows(run_dir / label / "worst_of_k" / "rows.jsonl")
+    return compare_pairs(rows, cfg.compare, compare_keys_of(cfg), num_resamples=cfg.bootstrap_resamples,
+                         seed=cfg.bootstrap_seed)
+
+
 def main(cfg: EvalCfg) -> dict:
     import ray
 
@@ -101,6 +139,9 @@ def main(cfg: EvalCfg) -> dict:
     engine = resolve_kind(cfg.engine.kind)
     print(f"== bt-ray eval -> {run_dir.resolve()} (engine {engine})")
     labels = labels_of(cfg)
+    if any(d.name == "synthetic" for d in cfg.datasets):
+        for name in cfg.models:
+            check_synthetic_world(name, cfg.synthetic)
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
     mlflow = setup_mlflow(cfg, run_dir)
@@ -147,6 +188,9 @@ def main(cfg: EvalCfg) -> dict:
     figures += [str(run_dir / label / "bias_sweep.png") for label in sweeps]
     table = side_by_side(results)
     print(table)
+    compared = comparisons(cfg, run_dir)
+    if compared:
+        print(format_pairs(compared))
     summary = {
         "run_dir": str(run_dir),
         "config": str(config_path),
@@ -158,6 +202,7 @@ def main(cfg: EvalCfg) -> dict:
                    "parent_run_id": parent.info.run_id if parent else None},
         "figures": figures,
         "table": table,
+        "comparisons": compared,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"== done: {run_dir / 'summary.json'}")

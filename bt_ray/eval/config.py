@@ -138,10 +138,16 @@ class DatasetCfg:
     """File, directory or hub spec; null: $BT_RAY_DATA_DIR layout (module bt_ray.data.sources)."""
     limit: int | None = None
     """Prompts used at most; null: all."""
+    cluster_by: str | None = None
+    """Field whose value groups prompts into clusters for cluster-aware intervals: category, or a key of
+    the prompt's meta; null: meta.cluster when the prompt has it (the synthetic world's (template,
+    task)), else each prompt is its own cluster."""
 
     def __post_init__(self):
         check(self, [
             ("name", self.name in EVAL_DATASETS, f"must be one of {', '.join(EVAL_DATASETS)}"),
+            ("cluster_by", self.cluster_by is None or self.cluster_by.strip() != "",
+             "must be a field name or null"),
             ("limit", self.limit is None or self.limit >= 1, "must be >= 1 or null"),
         ])
 
@@ -178,6 +184,18 @@ class EvalCfg:
     """Logical CPUs of the local Ray the job starts when none is running (null: the machine's cores)."""
     mlflow_experiment: str = "bt-ray-eval"
     """MLflow experiment (store: $MLFLOW_TRACKING_URI, else sqlite under run_dir)."""
+    compare: tuple[tuple[str, str], ...] = ()
+    """Pairs of labels (baseline, backtrack) compared on the same prompts: paired and cluster-aware
+    differences of unsafe rates in summary.json's comparisons; empty: none."""
+    compare_keys: tuple[str, ...] = ()
+    """What each pair is compared on: dataset names, pooled, worst-of-K; empty: every dataset, pooled
+    (when two or more pooled safety sets are evaluated) and every worst-of-k."""
+    max_error_fraction: float = 0.01
+    """The eval fails, naming the engine or judge, when more than this fraction of a run's rows errored."""
+    bootstrap_resamples: int = 2000
+    """Resamples of the cluster bootstrap (rates and paired differences)."""
+    bootstrap_seed: int = 0
+    """Seed of the cluster bootstrap."""
 
     def __post_init__(self):
         check(self, [
@@ -189,4 +207,24 @@ class EvalCfg:
             ("worst_of_k", all(k >= 1 for k in self.worst_of_k), "must hold k >= 1"),
             ("worst_of_k_temperature", self.worst_of_k_temperature > 0, "must be > 0"),
             ("ray_num_cpus", self.ray_num_cpus is None or self.ray_num_cpus >= 1, "must be >= 1 or null"),
+            ("compare", all(len(set(p)) == 2 and set(p) <= set(self.labels or _dir_labels(self.models))
+                            for p in self.compare),
+             "must hold pairs of two distinct model labels (baseline, backtrack)"),
+            ("compare_keys", all(k == "pooled" or k in {d.name for d in self.datasets}
+                                 or _worst_key(k, self.worst_of_k) for k in self.compare_keys),
+             "must name datasets of this config, pooled, or worst-of-K with K in worst_of_k"),
+            ("max_error_fraction", 0 <= self.max_error_fraction <= 1, "must be in [0, 1]"),
+            ("bootstrap_resamples", self.bootstrap_resamples >= 100, "must be >= 100"),
         ])
+
+
+def _dir_labels(models: tuple[str, ...]) -> set[str]:
+    """Default labels (``jobs/eval.py``): each model's directory name."""
+    from pathlib import Path
+
+    return {Path(m).name or m for m in models}
+
+
+def _worst_key(key: str, ks: tuple[int, ...]) -> bool:
+    k = key.removeprefix("worst-of-")
+    return key.startswith("worst-of-") and k.isdigit() and int(k) in ks

@@ -29,7 +29,8 @@ import math
 import time
 
 from bt_ray import config
-from bt_ray.eval.config import DecodeCfg, EngineCfg, EvalCfg, JudgeCfg
+from bt_ray.data.synthetic import SyntheticWorldCfg
+from bt_ray.eval.config import DatasetCfg, DecodeCfg, EngineCfg, EvalCfg, JudgeCfg
 from bt_ray.eval.engines import Generator, build_generator
 from bt_ray.eval.judges import (
     JUDGE_VERSION,
@@ -46,7 +47,14 @@ from bt_ray.reset import backtrack_output, encode_chat_prompt, raw_text, shown_t
 
 
 def load_items(cfg: EvalCfg) -> list[dict]:
-    """The prompts of every configured dataset as plain dicts (``prompt_index`` counts per dataset)."""
+    """The prompts of every configured dataset as plain dicts (``prompt_index`` counts per dataset).
+
+    Each item gets a ``cluster``, the unit that cluster-aware intervals resample (prompts of one
+    cluster are not independent draws). In order: the value of the dataset's ``cluster_by`` field
+    (``category``, or a key of the prompt's ``meta``) when the config names one; else the prompt's
+    ``meta["cluster"]`` (the synthetic world's "<template>|<task>"); else the prompt itself
+    (``prompt:<prompt_index>``: only the samples of one prompt are clustered).
+    """
     from bt_ray.data.sources import load_prompts
     from bt_ray.data.synthetic import eval_prompts
 
@@ -58,10 +66,23 @@ def load_items(cfg: EvalCfg) -> list[dict]:
         else:
             prompts, _ = load_prompts(ds.name, ds.path, limit=ds.limit)
         for i, p in enumerate(prompts):
-            items.append({"dataset": p.dataset, "prompt_index": i,
+            items.append({"dataset": p.dataset, "prompt_index": i, "cluster": _cluster(ds, p, i),
                           "location": p.location, "category": p.category, "harmful": p.harmful,
                           "turns": list(p.turns)})
     return items
+
+
+def _cluster(ds: DatasetCfg, prompt, index: int) -> str:
+    if ds.cluster_by is not None:
+        value = prompt.category if ds.cluster_by == "category" else prompt.meta.get(ds.cluster_by)
+        if value is None or value == "":
+            fields = ", ".join(["category", *sorted(prompt.meta)])
+            raise ValueError(f"datasets[{ds.name}].cluster_by={ds.cluster_by!r}: prompt {prompt.location} "
+                             f"has no such field (fields: {fields})")
+        return str(value)
+    if prompt.meta.get("cluster") is not None:
+        return str(prompt.meta["cluster"])
+    return f"prompt:{index}"
 
 
 def expand(items: list[dict], num_samples: int = 1) -> list[dict]:
@@ -90,15 +111,20 @@ def generate_rows(
 
     Turn t of a row is encoded with the *shown* answers of its earlier turns (what the user saw);
     all rows' turn t go through one batched generate call. The judged answer is the last turn's.
+    Counts cover every turn: a needless reset in a greeting turn is a reset of the row.
 
     Returns:
-        The rows with ``raw_output``, ``shown_response``, ``reset``, ``num_resets``,
-        ``num_discarded_tokens``, ``num_output_tokens``, ``time_to_first_kept_token_s``, per-turn
-        ``answers`` and ``raw_outputs``, ``generate_start``/``generate_end`` (epoch seconds), ``error``.
+        The rows with per-turn ``answers`` (shown) and ``raw_outputs``; the judged (last) turn's
+        ``raw_output`` and ``shown_response``; ``reset`` (any turn reset), ``reset_last_turn``,
+        ``num_resets``, ``num_discarded_tokens`` (all turns) and ``num_discarded_tokens_last_turn``;
+        ``stopped`` (every turn ended with a stop id; False: some turn hit ``max_new_tokens``);
+        ``empty_shown`` (the judged answer shows nothing: every judge calls that safe);
+        ``num_output_tokens``; ``time_to_first_kept_token_s`` of the judged turn (None when it kept
+        no token); ``generate_start``/``generate_end`` (epoch seconds); ``error``.
     """
     tok = generator.tokenizer
     out = [dict(r, answers=[], raw_outputs=[], num_output_tokens=0, num_discarded_tokens=0, num_resets=0,
-                error=r.get("error")) for r in rows]
+                stopped=True, error=r.get("error")) for r in rows]
     for t in range(max((len(r["turns"]) for r in rows), default=0)):
         active, prompts = [], []
         for r in out:
@@ -144,17 +170,22 @@ def generate_rows(
             r["num_output_tokens"] += len(g.ids)
             r["num_resets"] += post.num_resets
             r["num_discarded_tokens"] += post.num_discarded_tokens
+            r["stopped"] = r["stopped"] and post.stopped
             r.setdefault("generate_start", start)
             r["generate_end"] = end
             if t == len(r["turns"]) - 1:  # the judged turn
                 r["raw_output"] = r["raw_outputs"][-1]
                 r["shown_response"] = shown
-                r["reset"] = post.did_reset
+                r["reset_last_turn"] = post.did_reset
                 r["num_discarded_tokens_last_turn"] = post.num_discarded_tokens
+                r["empty_shown"] = not shown
                 kept = post.first_kept_index < len(post.raw_ids)
                 r["time_to_first_kept_token_s"] = g.token_times[post.first_kept_index] if kept else None
     for r in out:
-        r.setdefault("reset", None)
+        done = len(r["answers"]) == len(r["turns"]) and not r["error"]
+        r["reset"] = r["num_resets"] > 0 if done else None
+        if not done:  # an error row: its partial counts describe no answer
+            r["stopped"] = None
     return out
 
 
@@ -203,9 +234,9 @@ def judge_rows(judges: dict[str, Judge | None], rows: list[dict]) -> list[dict]:
                  for r in group]
         try:
             verdicts = judge.judge(items)
-        except Exception as e:  # noqa: BLE001 - a judge failure is recorded on its rows
+        except Exception as e:  # noqa: BLE001 - a judge failure is recorded on its rows (and counted)
             for r in group:
-                r["error"] = f"judge: {type(e).__name__}: {e}"
+                r.update(error=f"judge: {type(e).__name__}: {e}", judge=judge.name, stand_in=judge.stand_in)
             continue
         for r, v in zip(group, verdicts):
             r.update(unsafe=v.unsafe, score=v.score, verdict_category=v.category, judge=judge.name,
@@ -279,8 +310,9 @@ def run_pipeline(rows: list[dict], *, model: ModelCfg, engine: EngineCfg, decode
 # Keys of a written row, in order (DESIGN.md: dataset, prompt, raw output with the discarded part,
 # shown response, reset flag, discarded token count, judge verdict and raw judge output, error).
 ROW_KEYS = (
-    "index", "dataset", "prompt_index", "sample", "location", "category", "harmful", "turns", "raw_output",
-    "shown_response", "reset", "num_resets", "num_discarded_tokens", "num_output_tokens",
+    "index", "dataset", "prompt_index", "sample", "cluster", "location", "category", "harmful", "turns",
+    "raw_output", "shown_response", "reset", "reset_last_turn", "num_resets", "num_discarded_tokens",
+    "num_discarded_tokens_last_turn", "stopped", "empty_shown", "num_output_tokens",
     "time_to_first_kept_token_s", "unsafe", "score", "verdict_category", "judge", "stand_in", "judge_raw",
     "judge_version", "answers", "raw_outputs", "error",
 )
@@ -294,8 +326,15 @@ def write_rows(path, rows: list[dict]) -> None:
 
 
 def evaluate_model(items: list[dict], out_dir, *, model: ModelCfg, engine: EngineCfg, decode: DecodeCfg,
-                   judge: JudgeCfg) -> dict:
+                   judge: JudgeCfg, max_error_fraction: float | None = None, num_resamples: int = 2000,
+                   seed: int = 0) -> dict:
     """Run the pipeline for one model and decoding; write ``rows.jsonl`` and ``metrics.json`` in ``out_dir``.
+
+    Args:
+        max_error_fraction: when set, more error rows than this fraction raise
+            ``metrics.ErrorRateExceeded`` naming the engine or judge (after the rows are written, so
+            they can be read); None: errors are only counted.
+        num_resamples, seed: the cluster bootstrap of the unsafe rates (``metrics.summarize``).
 
     Returns:
         The metrics: ``summarize(rows)`` plus ``throughput`` over the generation span (actor start-up
@@ -303,13 +342,57 @@ def evaluate_model(items: list[dict], out_dir, *, model: ModelCfg, engine: Engin
     """
     from pathlib import Path
 
-    from bt_ray.eval.metrics import summarize, throughput
+    from bt_ray.eval.metrics import check_errors, summarize, throughput
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, timing = run_pipeline(items, model=model, engine=engine, decode=decode, judge=judge)
     write_rows(out_dir / "rows.jsonl", rows)
-    metrics = summarize(rows) | {"throughput": throughput(rows, timing["generate_span_s"]),
-                                 "wall_s": timing["wall_s"]}
+    if max_error_fraction is not None:
+        check_errors(rows, max_error_fraction,
+                     where=f"model {model.name} ({engine.kind} engine), rows in {out_dir / 'rows.jsonl'}")
+    metrics = summarize(rows, num_resamples=num_resamples, seed=seed) | {
+        "throughput": throughput(rows, timing["generate_span_s"]), "wall_s": timing["wall_s"]}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+# ---------------------------------------------------------------- the synthetic world of a model
+
+
+def check_synthetic_world(model_name: str, world: SyntheticWorldCfg) -> None:
+    """Refuse to evaluate the synthetic set on a model trained on a world with another train/eval split.
+
+    Held-out eval prompts are held out only if eval's world reserves the same (template, task) pairs
+    as the world the model was trained on, i.e. both agree on ``synthetic.split_key``. Training
+    records its config in the model dir (``bt_ray.json`` -> config -> data -> synthetic); a model
+    with no recorded world (presets, hub ids, a dir trained without synthetic sources) passes.
+
+    Raises:
+        ValueError: naming the model dir and every split-defining field that differs.
+    """
+    from pathlib import Path
+
+    from bt_ray.data.synthetic import split_key
+    from bt_ray.models import BT_RAY_METADATA
+
+    path = Path(model_name).expanduser() / BT_RAY_METADATA
+    if not path.is_file():
+        return
+    data = (json.loads(path.read_text()).get("config") or {}).get("data") or {}
+    recorded = data.get("synthetic")
+    sources = [str(s.get("name", "")) for s in data.get("sources") or []]
+    if recorded is None or (data.get("path") is None and not any(n.startswith("synthetic") for n in sources)):
+        return
+    try:
+        trained = split_key(config.build(SyntheticWorldCfg, recorded))
+    except config.ConfigError as e:
+        raise ValueError(f"model {model_name}: its {BT_RAY_METADATA} records a synthetic world this version "
+                         f"cannot read, so eval cannot tell its held-out prompts: {e}") from e
+    wanted = split_key(world)
+    diff = [f"{k}: trained {trained.get(k)!r}, eval {wanted[k]!r}"
+            for k in wanted if trained.get(k) != wanted[k]]
+    if diff:
+        raise ValueError(f"model {model_name} was trained on a synthetic world with another train/eval split "
+                         f"than eval's synthetic config, so its 'held-out' eval prompts may be training "
+                         f"prompts; set eval's synthetic.* to the model's ({path}): " + "; ".join(diff))
