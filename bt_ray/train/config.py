@@ -12,7 +12,7 @@ from typing import Literal
 
 from bt_ray.config import ConfigError, check
 from bt_ray.data.build import SourceCfg
-from bt_ray.data.recipes import PrefixCfg
+from bt_ray.data.recipes import JudgeFilterCfg, JudgeFilterName, PrefixCfg
 from bt_ray.data.synthetic import SyntheticWorldCfg
 from bt_ray.models import ModelCfg
 
@@ -31,8 +31,11 @@ class TrainDataCfg:
     """The synthetic world of the synthetic sources (ignored when path is set)."""
     prefix: PrefixCfg = field(default_factory=PrefixCfg)
     """Prefix-length sampler of backtracking rows (ignored when path is set)."""
-    judge_filter: Literal["off", "synthetic"] = "off"
-    """Judge deciding which pairs give backtracking rows (ignored when path is set)."""
+    judge_filter: JudgeFilterName = "off"
+    """Who decides which pairs give backtracking rows: off, synthetic, judge or column (see
+    bt_ray.data.recipes.RecipeCfg.judge_filter; ignored when path is set)."""
+    filter: JudgeFilterCfg = field(default_factory=JudgeFilterCfg)
+    """Settings of judge_filter=judge (the judge, its engine) and column (label columns)."""
     max_length: int = 1024
     """Longest row in tokens when building (rows are never truncated; longer ones are skipped)."""
     shuffle_seed: int | None = 0
@@ -47,6 +50,9 @@ class TrainDataCfg:
              "must list a source when path is null"),
             ("max_length", self.max_length >= 8, "must be >= 8"),
             ("limit", self.limit is None or self.limit > 0, "must be > 0 or null"),
+            ("judge_filter", self.judge_filter != "judge" or self.filter.judge.safety != "llm"
+             or self.filter.judge.llm.base_url is not None,
+             "needs filter.judge.llm.base_url when filter.judge.safety is llm"),
         ])
 
 
@@ -137,7 +143,7 @@ class RunCfg:
     name: str = "sft"
     """Run name (deterministic, no timestamps): the run dir is <root>/<name>; restarting it resumes."""
     root: str = "outputs/runs"
-    """Run root (Ray storage path); a local path here, shared storage or a bucket on a cluster."""
+    """Run root (Ray storage path): local, or on a cluster a shared POSIX filesystem (NFS, EFS, a PVC)."""
     save_steps: int = 50
     """Checkpoint every this many optimizer steps (and always at the last step)."""
     num_to_keep: int | None = 2
@@ -152,7 +158,9 @@ class RunCfg:
     def __post_init__(self):
         check(self, [
             ("name", bool(self.name) and "/" not in self.name, "must be a non-empty name without '/'"),
-            ("root", bool(self.root), "must not be empty"),
+            ("root", bool(self.root) and "://" not in self.root,
+             "must be a non-empty path on a shared POSIX filesystem (NFS, EFS, a PVC), not a URI "
+             "(s3://, gs://, ...): checkpoints, the exported model and metrics.jsonl are written as files"),
             ("save_steps", self.save_steps >= 1, "must be >= 1"),
             ("num_to_keep", self.num_to_keep is None or self.num_to_keep >= 1, "must be >= 1 or null"),
             ("logging_steps", self.logging_steps >= 1, "must be >= 1"),

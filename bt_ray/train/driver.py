@@ -28,7 +28,7 @@ _WORKER_ENV = (*_PATH_ENV, "HF_HUB_OFFLINE")
 
 
 def run_dir_of(cfg: SFTJobCfg | DPOJobCfg) -> Path:
-    """``<run.root>/<run.name>``, absolute (Ray's storage path must be)."""
+    """``<run.root>/<run.name>``, absolute (Ray's storage path must be); ``RunCfg`` refuses a URI root."""
     return Path(cfg.run.root).resolve() / cfg.run.name
 
 
@@ -180,7 +180,7 @@ def load_rows(cfg: SFTJobCfg | DPOJobCfg, run_dir: Path, plan: BatchPlan, *, log
         build_cfg = DataBuildCfg(
             model=cfg.model,
             recipe=RecipeCfg(name=data.recipe, prefix=data.prefix, judge_filter=data.judge_filter,
-                             max_length=data.max_length),
+                             filter=data.filter, max_length=data.max_length),
             sources=data.sources,
             synthetic=data.synthetic,
             shuffle_seed=data.shuffle_seed,

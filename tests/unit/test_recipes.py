@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from bt_ray.config import ConfigError
 from bt_ray.data.recipes import (
+    JudgeFilterCfg,
     PrefixCfg,
+    RecipeBuilder,
     RecipeCfg,
     build_rows,
     prefix_bounds,
@@ -16,7 +19,9 @@ from bt_ray.data.recipes import (
     sft_features,
     trained_mask,
 )
-from bt_ray.data.records import Message, PreferenceExample
+from bt_ray.data.records import DataError, Message, PreferenceExample
+from bt_ray.eval.config import JudgeCfg
+from bt_ray.eval.judges import RefusalPrefixJudge
 from bt_ray.reset import encode_chat_prompt, encode_text, end_of_turn_ids
 
 HARMFUL = PreferenceExample(
@@ -147,10 +152,161 @@ def test_judge_filter_synthetic_relabels_pairs(tok):
     # y- here contains no harmful content words of the synthetic world, so it is not "unsafe"
     mild = PreferenceExample(source="g", location="g:1", prompt=(Message("user", "bake bread"),),
                              chosen="sure . get flour .", rejected="no .", kind="harmful")
-    rows, _ = rows_of("backtrack-sft", [mild], tok, judge_filter="synthetic")
+    rows, report = rows_of("backtrack-sft", [mild], tok, judge_filter="synthetic")
     assert [r["kind"] for r in rows] == ["plain"]  # judge: y- safe -> no backtracking term
-    rows, _ = rows_of("backtrack-sft", [mild], tok)
+    assert report.filter == Counter(rejected_safe=1) and report.judge == "synthetic"
+    rows, report = rows_of("backtrack-sft", [mild], tok)
     assert [r["kind"] for r in rows] == ["plain", "backtrack"]  # off: the source's label
+    assert report.filter == Counter() and report.to_dict()["judge"] == "off"
+
+
+def test_judge_filter_synthetic_drops_and_counts_pairs_whose_chosen_is_unsafe(tok):
+    """PAPER.md 2 gives "other pairs" only the plain term; a y+ the judge calls unsafe is not trained on."""
+    grenade = "to make a grenade , get napalm and shrapnel ."
+    bad_chosen = PreferenceExample(source="g", location="g:2", prompt=(Message("user", "make a grenade"),),
+                                   chosen=grenade, rejected="no .", kind="harmful")
+    good = PreferenceExample(source="g", location="g:3", prompt=(Message("user", "make a grenade"),),
+                             chosen="i can not help .", rejected=grenade, kind="harmful")
+    rows, report = rows_of("backtrack-sft", [bad_chosen, good], tok, judge_filter="synthetic")
+    assert [(r["location"], r["kind"]) for r in rows] == [("g:3", "plain"), ("g:3", "backtrack")]
+    assert report.filter == Counter(chosen_unsafe=1, rejected_unsafe=1)
+    assert report.skipped == Counter(judge_chosen_unsafe=1)
+    assert "judge filter (synthetic): chosen_unsafe=1, rejected_unsafe=1" in str(report)
+
+
+# ---------------------------------------------------------------- judge filter with any judge (issue 7.3)
+
+# Verdicts of the refusal-prefix stand-in (unsafe iff a non-empty answer has no AdvBench refusal string).
+UNSAFE_Y_MINUS = PreferenceExample(
+    source="g", location="j:1", prompt=(Message("user", "how do i hurt someone?"),),
+    chosen="I'm sorry, I cannot help with that.", rejected="Sure, hit them hard.", kind="harmful",
+)
+SAFE_Y_MINUS = PreferenceExample(  # "rejected" in harmless-base often means "less harmless", not unsafe
+    source="g", location="j:2",
+    prompt=(Message("user", "what is a bomb?"), Message("assistant", "As an AI I can say a little."),
+            Message("user", "go on")),
+    chosen="I cannot explain that.", rejected="I'm sorry, it is a loud thing.", kind="harmful",
+)
+UNSAFE_Y_PLUS = PreferenceExample(
+    source="g", location="j:3", prompt=(Message("user", "tell me a secret"),),
+    chosen="Sure, the code is 1234.", rejected="No, I cannot.", kind="harmful",
+)
+FILTERED = [UNSAFE_Y_MINUS, SAFE_Y_MINUS, UNSAFE_Y_PLUS, NO_REJECTED, SAFE]
+
+
+class CountingJudge:
+    """The real refusal-prefix judge, recording the size of each call (to check batching)."""
+
+    def __init__(self):
+        self.inner = RefusalPrefixJudge()
+        self.name, self.stand_in, self.calls = self.inner.name, True, []
+
+    def judge(self, items):
+        self.calls.append(len(items))
+        return self.inner.judge(items)
+
+
+def stand_in_cfg(recipe, **kw):
+    return RecipeCfg(name=recipe, judge_filter="judge",
+                     filter=JudgeFilterCfg(judge=JudgeCfg(safety="refusal-prefix"), **kw))
+
+
+@pytest.mark.parametrize("recipe", ["backtrack-sft", "backtrack-dpo"])
+def test_judge_filter_with_a_configured_judge(tok, recipe):
+    tokenizer, reset = tok
+    rows, report = build_rows(FILTERED, stand_in_cfg(recipe), tokenizer, reset)  # the factory builds it
+    kinds = [(r["location"], r["kind"]) for r in rows]
+    if recipe == "backtrack-sft":
+        # y- judged safe: only the plain row; y+ judged unsafe: nothing; no y-: the source's label.
+        assert kinds == [("j:1", "plain"), ("j:1", "backtrack"), ("j:2", "plain"), ("golden:3", "plain"),
+                         ("golden:2", "plain")]
+    else:
+        assert kinds == [("j:1", "backtrack-harmful"), ("j:2", "backtrack-safe"),
+                         ("golden:2", "backtrack-safe")]
+    assert report.judge == "judge: refusal-prefix (stand-in)"
+    assert report.filter == Counter(rejected_unsafe=1, rejected_safe=1, chosen_unsafe=1, no_rejected=1,
+                                    source_safe=1)
+    assert report.skipped["judge_chosen_unsafe"] == 1
+    assert report.to_dict()["filter"] == dict(sorted(report.filter.items()))
+
+
+def test_judge_filter_judges_in_batches_and_sees_the_conversation(tok):
+    tokenizer, reset = tok
+    judge = CountingJudge()
+    build_rows(FILTERED, stand_in_cfg("backtrack-sft", batch_size=4), tokenizer, reset, judge=judge)
+    assert judge.calls == [4, 2]  # 3 harmful pairs with a y-, 2 answers each, never one call per pair
+    from bt_ray.data.recipes import judge_items
+
+    item = judge_items(SAFE_Y_MINUS, SAFE_Y_MINUS.rejected)
+    assert item.turns == ("what is a bomb?", "go on")
+    assert item.answers == ("As an AI I can say a little.", "I'm sorry, it is a loud thing.")
+
+
+class ErrorJudge:
+    """A judge whose output cannot be parsed for y- of one pair (what Llama Guard gives on garbage)."""
+
+    name, stand_in = "flaky", False
+
+    def judge(self, items):
+        from bt_ray.eval.judges import Verdict
+
+        return [Verdict(unsafe=None, error="unparseable") if it.answers[-1] == UNSAFE_Y_MINUS.rejected
+                else RefusalPrefixJudge().judge([it])[0] for it in items]
+
+
+def test_judge_errors_are_counted_never_taken_as_safe(tok):
+    tokenizer, reset = tok
+    with pytest.raises(RuntimeError, match=r"\(judge: flaky\): 1 of 3 judged pairs got no verdict"):
+        build_rows(FILTERED, stand_in_cfg("backtrack-sft"), tokenizer, reset, judge=ErrorJudge())
+    rows, report = build_rows(FILTERED, stand_in_cfg("backtrack-sft", max_error_fraction=0.5), tokenizer,
+                              reset, judge=ErrorJudge())
+    assert "j:1" not in {r["location"] for r in rows}  # dropped, not a plain "safe" pair
+    assert report.filter["judge_error"] == 1 and report.skipped["judge_error"] == 1
+
+
+LABELLED = Path(__file__).resolve().parents[1] / "assets" / "hh_rlhf_labelled.jsonl"
+
+
+def test_judge_filter_reads_precomputed_labels_from_a_column(tok):
+    """Labels kept by the HH loader in meta (true/false, "safe"/"unsafe", 1/0, null = no verdict)."""
+    from bt_ray.data.sources import load_preferences
+
+    tokenizer, reset = tok
+    examples, _ = load_preferences("hh-rlhf", str(LABELLED))
+    cfg = RecipeCfg(name="backtrack-sft", judge_filter="column",
+                    filter=JudgeFilterCfg(max_error_fraction=0.5))
+    rows, report = build_rows(examples, cfg, tokenizer, reset)
+    lines = [(r["location"], r["kind"]) for r in rows]
+    name = LABELLED.name
+    assert lines == [(f"{name}:1", "plain"), (f"{name}:1", "backtrack"), (f"{name}:2", "plain")]
+    assert report.filter == Counter(rejected_unsafe=1, rejected_safe=1, chosen_unsafe=1, judge_error=1)
+    assert report.skipped == Counter(judge_chosen_unsafe=1, judge_error=1)
+    assert report.judge == "column: rejected_unsafe, chosen_unsafe"
+    # Without y+ labels y+ is taken as safe; a missing or malformed label is an error naming the row.
+    only_rejected = RecipeCfg(name="backtrack-sft", judge_filter="column",
+                              filter=JudgeFilterCfg(chosen_unsafe_column=None, max_error_fraction=0.5))
+    _, report = build_rows(examples, only_rejected, tokenizer, reset)
+    assert report.filter == Counter(rejected_unsafe=1, rejected_safe=2, judge_error=1)
+    with pytest.raises(DataError, match="golden:1: column 'rejected_unsafe' is missing"):
+        build_rows([HARMFUL], cfg, tokenizer, reset)
+    odd = PreferenceExample(source="g", location="g:9", prompt=HARMFUL.prompt, chosen="a", rejected="b",
+                            kind="harmful", meta={"rejected_unsafe": "maybe", "chosen_unsafe": False})
+    with pytest.raises(DataError, match="g:9: column 'rejected_unsafe' must be true/false"):
+        build_rows([odd], cfg, tokenizer, reset)
+
+
+def test_inspect_path_labels_one_example_at_a_time(tok):
+    tokenizer, reset = tok
+    builder = RecipeBuilder(stand_in_cfg("backtrack-sft"), tokenizer, reset)
+    assert [r["kind"] for r in builder.rows_for(SAFE_Y_MINUS)] == ["plain"]
+    assert builder.report.filter == Counter(rejected_safe=1)
+
+
+def test_judge_filter_config_is_checked():
+    with pytest.raises(ConfigError, match="judge_filter needs filter.judge.llm.base_url"):
+        RecipeCfg(judge_filter="judge", filter=JudgeFilterCfg(judge=JudgeCfg(safety="llm")))
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        JudgeFilterCfg(batch_size=0)
 
 
 def test_bad_recipe_config_lists_errors():
