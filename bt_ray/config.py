@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import subprocess
 import types
 from pathlib import Path
@@ -93,9 +94,15 @@ def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, list[str]]:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars) to a nested dict.
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict.
 
-    Returns the new dict and the list of malformed override strings (reported by the caller).
+    An override sets one key, creating absent or null sections on its way. It never replaces a value
+    on its way: ``optim.learning_rate.x=1`` with a number at ``optim.learning_rate``, or ``sources.limit=5``
+    with a list at ``sources``, is rejected rather than turning that value into a section.
+
+    Returns:
+        The new dict and one message per rejected override (malformed, or reaching below a value),
+        which the caller reports with the other config errors.
     """
     data = _deepcopy(data)
     bad = []
@@ -110,11 +117,22 @@ def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, list[str]]:
             value = raw
         node = data
         parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = value
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:  # an absent or null section: the override fills it in
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                reached = ".".join(parts[: i + 1])
+                if isinstance(child, list):
+                    what, hint = "a list", f"; set the whole list ({reached}=[...])"
+                else:
+                    what, hint = f"{child!r}, not a section", ""
+                below = parts[i + 1]
+                bad.append(f"override {item!r}: {reached} is {what}, so it has no field {below!r}{hint}")
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
     return data, bad
 
 
@@ -317,8 +335,18 @@ def dump(cfg: Any, path: str | Path) -> Path:
     return path
 
 
+GIT_SHA_ENV = "BT_RAY_GIT_SHA"
+
+
 def git_sha() -> str:
-    """The git commit of the bt-ray checkout (``unknown`` outside a git tree), ``+dirty`` if modified."""
+    """The git commit of the bt-ray code that runs: ``$BT_RAY_GIT_SHA`` if set, else asked of git.
+
+    ``ray job submit`` uploads the working dir without ``.git``, so a job on a cluster cannot ask git:
+    ``clusters/submit.sh`` computes the sha at submit time and passes it in the job's runtime env.
+    Asking git gives ``<sha>`` or ``<sha>+dirty`` (tracked files modified), ``unknown`` outside a git tree.
+    """
+    if os.environ.get(GIT_SHA_ENV):
+        return os.environ[GIT_SHA_ENV]
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(

@@ -68,20 +68,40 @@ def test_list_of_sections_and_round_trip(tmp_path):
     assert flat["recipe.prefix.seed"] == 0
 
 
+def test_an_override_below_a_value_is_an_error_not_a_replacement(tmp_path):
+    """``recipe.max_length.x=1`` must not turn the YAML's 512 into a section (review B14)."""
+    p = write(tmp_path, "recipe:\n  max_length: 512\nsources:\n  - name: synthetic\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(DataBuildCfg, p, ["recipe.max_length.x=1", "sources.limit=5"])
+    assert e.value.errors == [
+        "override 'recipe.max_length.x=1': recipe.max_length is 512, not a section, so it has no field 'x'",
+        "override 'sources.limit=5': sources is a list, so it has no field 'limit'; "
+        "set the whole list (sources=[...])",
+    ]
+
+
+def test_overrides_set_one_key_and_fill_in_absent_or_null_sections():
+    data = {"optim": {"lr": 0.1, "steps": 3}, "extra": None, "tags": ["a"]}
+    out, bad = config.apply_overrides(data, ["optim.lr=0.2", "extra.seed=1", "new.deep.key=x", "tags=[b]",
+                                             "optim.lr.x=1", "tags.0=c"])
+    assert out == {"optim": {"lr": 0.2, "steps": 3}, "extra": {"seed": 1}, "new": {"deep": {"key": "x"}},
+                   "tags": ["b"]}
+    assert [b.split(":")[0] for b in bad] == ["override 'optim.lr.x=1'", "override 'tags.0=c'"]
+    assert data["optim"]["lr"] == 0.1  # the input is not modified
+
+
 def test_missing_config_file():
     with pytest.raises(FileNotFoundError, match="config file not found: nope.yaml"):
         config.load(DataBuildCfg, "nope.yaml")
 
 
 def _config_classes():
+    """Config class of each job, keyed by the prefix of its YAML names (sft_*.yaml -> SFTJobCfg, ...)."""
     from bt_ray.demo import DemoCfg
+    from bt_ray.eval.config import EvalCfg
+    from bt_ray.train.config import JOB_CONFIGS
 
-    classes = {"data": DataBuildCfg, "demo": DemoCfg}
-    # train: config classes of jobs/sft.py and jobs/dpo.py are added here (prefixes sft_, dpo_)
-    from bt_ray.train.config import JOB_CONFIGS; classes |= JOB_CONFIGS  # noqa: E702, I001
-    # eval: config classes of jobs/eval.py are added here (prefix eval_)
-    from bt_ray.eval.config import EvalCfg; classes |= {"eval": EvalCfg}  # noqa: E702, I001
-    return classes
+    return {"data": DataBuildCfg, "demo": DemoCfg, **JOB_CONFIGS, "eval": EvalCfg}
 
 
 def test_every_yaml_under_jobs_configs_and_clusters_validates():
