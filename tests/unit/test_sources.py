@@ -704,3 +704,16 @@ def test_eval_overlap_by_path_content_and_hub(shared_datasets, tmp_path, monkeyp
     assert sources.eval_overlap(other, test_sets) is None
     monkeypatch.setenv("BT_RAY_DATA_DIR", str(shared_datasets))
     assert sources.eval_overlap(test_file, sources.eval_test_sets()).name == "hh-rlhf"
+
+
+def test_data_build_refuses_an_eval_test_set(shared_datasets, tmp_path, monkeypatch):
+    """``bt-ray data build`` (build_dataset) makes the same check as the training preflight."""
+    from bt_ray.data.build import DataBuildCfg, SourceCfg, build_dataset
+
+    monkeypatch.setenv("BT_RAY_DATA_DIR", str(shared_datasets))
+    test_file = str(shared_datasets / "hh-rlhf/harmless-base/test.jsonl.gz")
+    hh_test = SourceCfg(name="hh-rlhf", path=test_file, split="test")
+    cfg = DataBuildCfg(sources=(SourceCfg(name="synthetic"), hh_test), out=str(tmp_path / "rows.jsonl"))
+    with pytest.raises(ValueError, match=r"sources\[1\] \(hh-rlhf, .*test.jsonl.gz\) is the evaluation test"):
+        build_dataset(cfg, log=lambda m: None)
+    assert not (tmp_path / "rows.jsonl").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bt_ray import config
@@ -108,3 +110,62 @@ def test_a_run_dir_is_resumed_only_with_its_own_config(tmp_path):
     assert "optim.learning_rate: 2e-05 -> 0.5" in msg
     assert "data.recipe: 'backtrack-sft' -> 'baseline-sft'" in msg
     assert "choose another run.name" in msg
+
+
+# ---------------------------------------------------------------- never train on what is evaluated
+
+
+def hh_job(path, split=None, *more):
+    source = {"name": "hh-rlhf"} | ({"path": str(path)} if path else {}) | ({"split": split} if split else {})
+    return config.load(SFTJobCfg, None, ["optim.global_batch_size=8", f"data.sources={json.dumps([source])}",
+                                         *more])
+
+
+def test_training_on_the_hh_rlhf_test_split_fails_in_preflight(shared_datasets, monkeypatch):
+    """Review A1: the paper configs trained on harmless-base test, which eval_paper.yaml evaluates on."""
+    monkeypatch.setenv("BT_RAY_DATA_DIR", str(shared_datasets))
+    test_file = shared_datasets / "hh-rlhf/harmless-base/test.jsonl.gz"
+    for cfg in (hh_job(test_file, "test"), hh_job(shared_datasets / "hh-rlhf", "test"), hh_job(None, "test"),
+                hh_job("Anthropic/hh-rlhf@harmless-base", "test")):
+        with pytest.raises(ValueError, match="never train on what is evaluated") as e:
+            preflight(cfg)
+        assert "data.sources[0] (hh-rlhf" in str(e.value)
+        assert "is the evaluation test set 'hh-rlhf'" in str(e.value)
+    # The test file without split: its name says test, the training default is train.
+    with pytest.raises(ValueError, match=r"data.sources\[0\] \(hh-rlhf\): .*is the test split"):
+        preflight(hh_job(test_file))
+    # The default is train, which is not shipped: a clear error, never the test file.
+    with pytest.raises(FileNotFoundError, match=r"data.sources\[0\] \(hh-rlhf\): .*train split is not shipp"):
+        preflight(hh_job(None))
+
+
+def test_training_on_the_hh_rlhf_train_split_passes_preflight(shared_datasets, tmp_path, monkeypatch):
+    monkeypatch.setenv("BT_RAY_DATA_DIR", str(shared_datasets))
+    (tmp_path / "harmless-base").mkdir()
+    row = {"chosen": "\n\nHuman: q\n\nAssistant: no", "rejected": "\n\nHuman: q\n\nAssistant: yes"}
+    (tmp_path / "harmless-base" / "train.jsonl").write_text(json.dumps(row) + "\n")
+    preflight(hh_job(tmp_path))
+    preflight(hh_job(tmp_path, "train"))
+    preflight(hh_job("Anthropic/hh-rlhf@harmless-base", "train"))
+
+
+def test_prebuilt_rows_from_an_eval_test_set_fail_in_preflight(shared_datasets, tmp_path, monkeypatch):
+    monkeypatch.setenv("BT_RAY_DATA_DIR", str(shared_datasets))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("{}\n")
+    origin = str(shared_datasets / "hh-rlhf/harmless-base/test.jsonl.gz")
+    summary = {"sources": [{"source": "hh-rlhf", "origin": origin}]}
+    rows.with_suffix(".summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match=r"data.path=.*rows.jsonl was built from .* the evaluation test set"):
+        preflight(config.load(SFTJobCfg, None, ["optim.global_batch_size=8", f"data.path={rows}"]))
+
+
+def test_source_split_is_checked_against_the_source():
+    sources = [{"name": "oasst2", "split": "train"}, {"name": "hh-rlhf", "split": "dev"},
+               {"name": "synthetic", "split": "test"}]
+    with pytest.raises(ConfigError) as e:
+        config.load(SFTJobCfg, None, [f"data.sources={json.dumps(sources)}"])
+    msg = str(e.value)
+    assert "data.sources[0].split must be null: source 'oasst2' has no splits" in msg
+    assert "data.sources[1].split must be null (= train) or one of train, test for source 'hh-rlhf'" in msg
+    assert "data.sources[2].split must be null (= train) or one of train, dev for source 'synthetic'" in msg
