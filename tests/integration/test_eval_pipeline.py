@@ -1,4 +1,5 @@
-"""The Ray Data eval pipeline on the shared local cluster, 2 generation actors, real prompts."""
+"""The Ray Data eval pipeline on the shared local cluster, 2 generation actors, real prompts (two of each
+set, checked in under tests/assets/eval_sets)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from bt_ray.eval.config import DatasetCfg, DecodeCfg, EngineCfg, EvalCfg, JudgeCfg, LLMJudgeCfg
-from bt_ray.eval.metrics import summarize, wilson_ci
 from bt_ray.eval.pipeline import evaluate_model, expand, load_items
 from bt_ray.models import ModelCfg
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
 SETS = ("advbench", "malicious-instructions", "simple-safety-tests", "strongreject", "hh-rlhf", "mt-bench")
+ASSETS = REPO / "tests" / "assets" / "eval_sets"
+FILES = {"advbench": "advbench.csv", "malicious-instructions": "malicious-instructions.json",
+         "simple-safety-tests": "simple-safety-tests.csv", "strongreject": "strongreject.csv",
+         "hh-rlhf": "hh-rlhf.jsonl", "mt-bench": "mt-bench.jsonl"}
 
 
 class _MTBenchJudge(BaseHTTPRequestHandler):
@@ -45,9 +50,9 @@ def judge_url():
     server.server_close()
 
 
-def _items(shared_datasets):
+def _items():
     cfg = EvalCfg(datasets=(DatasetCfg(name="synthetic", limit=4),
-                            *(DatasetCfg(name=n, path=str(shared_datasets), limit=2) for n in SETS)))
+                            *(DatasetCfg(name=n, path=str(ASSETS / FILES[n]), limit=2) for n in SETS)))
     items = load_items(cfg)
     bad = [
         {"dataset": "advbench", "prompt_index": 99, "location": "too-long", "category": "", "harmful": True,
@@ -74,15 +79,29 @@ def _check_run(tmp_path, items, engine_kind, judge_url):
     assert metrics["num_errors"] == 2 and metrics["num_rows"] == len(items)
     assert metrics["datasets"]["advbench"]["num_errors"] == 1
 
-    # Every number in metrics.json is a recomputation from the JSONL.
-    assert json.loads((tmp_path / "metrics.json").read_text())["datasets"] == summarize(rows)["datasets"]
+    # Every number in metrics.json is recounted by hand from rows.jsonl (Wilson from scipy, not ours).
+    from scipy.stats import binomtest
+
+    written = json.loads((tmp_path / "metrics.json").read_text())
     ok = [r for r in rows if not r["error"]]
     for name in ("synthetic", *SETS[:-1]):
+        group = [r for r in rows if r["dataset"] == name]
         judged = [r for r in ok if r["dataset"] == name and r["harmful"]]
         hits = sum(r["unsafe"] for r in judged)
-        stats = metrics["datasets"][name]["unsafe"]
-        assert (stats["num"], stats["num_hits"]) == (len(judged), hits)
-        assert (stats["ci_low"], stats["ci_high"]) == pytest.approx(wilson_ci(hits, len(judged)))
+        stats = written["datasets"][name]
+        assert (stats["num_rows"], stats["num_errors"]) == (len(group), sum(bool(r["error"]) for r in group))
+        assert (stats["unsafe"]["num"], stats["unsafe"]["num_hits"]) == (len(judged), hits)
+        assert stats["unsafe"]["num_clusters"] == len({r["cluster"] for r in judged})
+        wilson = binomtest(hits, len(judged)).proportion_ci(method="wilson")
+        got = [stats["unsafe"]["ci_low"], stats["unsafe"]["ci_high"]]
+        assert got == pytest.approx([wilson.low, wilson.high])
+        assert stats["reset"]["num_hits"] == sum(r["num_resets"] > 0 for r in ok if r["dataset"] == name)
+    synthetic = [r for r in rows if r["dataset"] == "synthetic"]
+    assert all(r["cluster"] and "|" in r["cluster"] for r in synthetic)  # (template, task) of the world
+    for r in ok:  # reset covers every turn; the last turn's counts are written too
+        assert r["reset"] == (r["num_resets"] > 0)
+        assert r["num_discarded_tokens_last_turn"] <= r["num_discarded_tokens"]
+        assert r["empty_shown"] == (r["shown_response"] == "") and isinstance(r["stopped"], bool)
     pooled = [r for r in ok if r["dataset"] in SETS[:4] and r["harmful"]]
     assert metrics["pooled"]["unsafe"]["num_hits"] == sum(r["unsafe"] for r in pooled)
     safe = [r for r in ok if not r["harmful"]]
@@ -106,14 +125,36 @@ def _check_run(tmp_path, items, engine_kind, judge_url):
     return rows
 
 
-def test_pipeline_hf_two_actors(ray_cluster, shared_datasets, tmp_path, judge_url):
-    _check_run(tmp_path, _items(shared_datasets), "hf", judge_url)
+def test_pipeline_hf_two_actors(ray_cluster, tmp_path, judge_url):
+    _check_run(tmp_path, _items(), "hf", judge_url)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
-def test_pipeline_vllm_two_actors(ray_cluster, shared_datasets, tmp_path, judge_url):
-    _check_run(tmp_path, _items(shared_datasets), "vllm", judge_url)
+def test_pipeline_vllm_two_actors(ray_cluster, tmp_path, judge_url):
+    _check_run(tmp_path, _items(), "vllm", judge_url)
+
+
+def test_pipeline_fails_naming_the_judge_when_it_is_down(ray_cluster, tmp_path):
+    """MT-Bench graded by an LLM judge at a closed port: every graded row errors, so the run fails."""
+    import socket
+
+    from bt_ray.eval.metrics import ErrorRateExceeded
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"  # closed once the socket is
+    sets = (DatasetCfg(name="mt-bench", path=str(ASSETS / FILES["mt-bench"])),
+            DatasetCfg(name="synthetic", limit=2))
+    items = expand(load_items(EvalCfg(datasets=sets)))
+    judge = JudgeCfg(llm=LLMJudgeCfg(base_url=url, model="grader", timeout_s=5))
+    engine = EngineCfg(kind="hf", num_actors=1, batch_size=4)
+    want = r"2 of 4 rows failed .*judge llm:grader:mt-bench.*unreachable"
+    with pytest.raises(ErrorRateExceeded, match=want):
+        evaluate_model(items, tmp_path, model=ModelCfg(), engine=engine, decode=DecodeCfg(max_new_tokens=4),
+                       judge=judge, max_error_fraction=0.01)
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["error"] is not None for r in rows] == [r["dataset"] == "mt-bench" for r in rows]
 
 
 def test_pipeline_waits_for_every_actor_and_fails_when_they_cannot_start(ray_cluster):
