@@ -35,15 +35,27 @@ def test_build_synthetic_writes_rows_config_and_summary(tmp_path):
     assert "wrote" in p.stderr and "read 40, used 40" in p.stderr
 
 
-def test_build_hh_rlhf_real_file(shared_datasets, tmp_path):
+def test_build_refuses_the_hh_rlhf_test_split(shared_datasets, tmp_path):
+    """Review A1: the only shipped HH file is the test split evaluation uses; building training rows
+    from it fails, with or without split: test, and writes nothing."""
     src = shared_datasets / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+    out = tmp_path / "hh.jsonl"
+    p = run("data", "build", "--recipe", "backtrack-dpo", "--source", f"hh-rlhf:{src}", "--out", str(out))
+    assert p.returncode != 0 and "is the test split" in p.stderr and not out.exists()
+    p = run("data", "build", "--recipe", "backtrack-dpo", "--out", str(out),
+            f'sources=[{{"name": "hh-rlhf", "path": "{src}", "split": "test"}}]')
+    assert p.returncode != 0 and "is the evaluation test set 'hh-rlhf'" in p.stderr and not out.exists()
+
+
+def test_build_hh_rlhf_file(tmp_path):
+    src = Path(__file__).resolve().parents[1] / "assets" / "hh_rlhf_labelled.jsonl"
     out = tmp_path / "hh.jsonl"
     p = run("data", "build", "--recipe", "backtrack-dpo", "--source", f"hh-rlhf:{src}", "--out", str(out))
     assert p.returncode == 0, p.stderr
     summary = json.loads(out.with_suffix(".summary.json").read_text())
     source = summary["sources"][0]
-    assert source["num_read"] == 2312
-    assert source["num_used"] + sum(source["skipped"].values()) == 2312  # nothing vanishes silently
+    assert source["num_read"] == 4
+    assert source["num_used"] + sum(source["skipped"].values()) == 4  # nothing vanishes silently
     recipe = summary["recipe"]
     assert recipe["num_examples"] == source["num_used"]
     assert recipe["num_rows"] + sum(recipe["skipped"].values()) == recipe["num_examples"]
