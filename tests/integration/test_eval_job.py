@@ -34,7 +34,8 @@ def _mlflow_runs(summary):
 def test_eval_job_two_models_parent_and_children(ray_cluster, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     job = _job()
-    cfg = config.load(EvalCfg, REPO / "jobs" / "configs" / "eval_tiny_synthetic.yaml", _overrides(tmp_path))
+    cfg = config.load(EvalCfg, REPO / "jobs" / "configs" / "eval_tiny_synthetic.yaml",
+                      _overrides(tmp_path, ["compare=[[baseline, backtrack]]", "bootstrap_resamples=200"]))
     summary = job["main"](cfg)
 
     run = tmp_path / "run"
@@ -52,7 +53,16 @@ def test_eval_job_two_models_parent_and_children(ray_cluster, tmp_path, monkeypa
     assert summary["models"]["baseline"]["mlflow_run_id"] == runs["baseline"].info.run_id
     # artifacts under the run dir (explicit artifact_location), not Ray's temp dir
     assert (run / "mlflow-artifacts").is_dir()
-    assert "unsafe % synthetic" in summary["table"]
+    assert "unsafe % synthetic" in summary["table"] and "errors synthetic" in summary["table"]
+    # paired comparison from the rows files: the same model twice, greedy, so every pair agrees
+    (c,) = json.loads((run / "summary.json").read_text())["comparisons"]
+    assert (c["baseline"], c["backtrack"], c["key"]) == ("baseline", "backtrack", "synthetic")
+    lines = (run / "baseline" / "main" / "rows.jsonl").read_text().splitlines()
+    synthetic = [json.loads(line) for line in lines]
+    judged = [r for r in synthetic if r["harmful"] and not r["error"]]
+    assert c["n"] == len(judged) and c["num_clusters"] == len({r["cluster"] for r in judged})
+    assert c["difference"] == 0 and c["counts"]["baseline_only"] == c["counts"]["backtrack_only"] == 0
+    assert c["mcnemar_p"] == 1.0 and c["holds"] is False
 
 
 def test_eval_job_rejects_bad_config_naming_the_field(tmp_path):
