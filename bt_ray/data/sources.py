@@ -7,18 +7,25 @@ Two registries, name -> loader function:
 * ``PROMPT_SOURCES`` (``advbench``, ``malicious-instructions``, ``simple-safety-tests``,
   ``strongreject``, ``mt-bench``, ``hh-rlhf``, ``q-harm``) give ``PromptExample`` rows for evaluation.
 
-Every loader takes ``(path=None, *, limit=None)`` and returns ``(records, LoadReport)``. ``path`` is
+Every loader takes ``(path=None, *, limit=None)`` (preference loaders also ``split=None``: the
+source's training split, see ``PREFERENCE_SPLITS``) and returns ``(records, LoadReport)``. ``path`` is
 
 * a local file in the source's own format (``.gz`` files are read through gzip);
 * a local directory: the source's standard file name is looked up inside it, either the bare file
   name (``harmful_behaviors.csv``) or its place in the shared layout (``advbench/harmful_behaviors.csv``),
   so both the source's own directory and the data root work;
-* a hub dataset spec ``owner/name[@sub][[split]]``, e.g. ``Anthropic/hh-rlhf@harmless-base[test]``,
+* a hub dataset spec ``owner/name[@sub][[split]]``, e.g. ``Anthropic/hh-rlhf@harmless-base[train]``,
   read with ``datasets.load_dataset``. ``@sub`` is the ``data_dir`` for hh-rlhf and the config name
   otherwise; the split defaults to the source's usual one. Hub rows go through the same row parser
   as file rows (a few hub copies name a column differently; those names are mapped, see ``_HUB_ALIASES``);
 * None: ``$BT_RAY_DATA_DIR/<shared layout path>`` when that variable is set, else the source's
   canonical hub dataset (``DEFAULT_HUB``), or a FileNotFoundError for sources without one.
+
+Never train on what is evaluated: ``eval_test_sets`` lists what each evaluation set resolves to, and
+``eval_overlap`` says whether a resolved training source is one of them (same real path, same
+content, or same hub repo, subset and split); ``bt_ray.data.build.check_not_evaluated`` uses both.
+The HH-RLHF preference loader reads harmless-base train by default, the prompt loader (evaluation)
+harmless-base test.
 
 Locations name the row: ``test.jsonl.gz:12`` (1-based line; for CSV the header is line 1, so the
 number is the one an editor shows, also for quoted fields spanning several lines),
