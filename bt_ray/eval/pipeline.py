@@ -373,7 +373,7 @@ def check_synthetic_world(model_name: str, world: SyntheticWorldCfg) -> None:
     """
     from pathlib import Path
 
-    from bt_ray.data.synthetic import split_key
+    from bt_ray.data.synthetic import WORLD_VERSION, split_key
     from bt_ray.models import BT_RAY_METADATA
 
     path = Path(model_name).expanduser() / BT_RAY_METADATA
@@ -384,8 +384,11 @@ def check_synthetic_world(model_name: str, world: SyntheticWorldCfg) -> None:
     sources = [str(s.get("name", "")) for s in data.get("sources") or []]
     if recorded is None or (data.get("path") is None and not any(n.startswith("synthetic") for n in sources)):
         return
+    # A config recorded before the world had a version field was made on world version 1.
+    recorded_version = recorded.get("version", 1)
     try:
-        trained = split_key(config.build(SyntheticWorldCfg, recorded))
+        trained = split_key(config.build(SyntheticWorldCfg, {**recorded, "version": WORLD_VERSION}))
+        trained["version"] = recorded_version
     except config.ConfigError as e:
         raise ValueError(f"model {model_name}: its {BT_RAY_METADATA} records a synthetic world this version "
                          f"cannot read, so eval cannot tell its held-out prompts: {e}") from e

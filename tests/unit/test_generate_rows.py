@@ -170,6 +170,11 @@ def test_eval_refuses_a_model_trained_on_another_synthetic_split(tmp_path):
     check_synthetic_world(str(_model_dir(tmp_path, other, sources=("hh-rlhf",))), world)
     (d / "bt_ray.json").write_text(json.dumps({"stage": "init", "config": {"synthetic": other}}))
     check_synthetic_world(str(d), world)
+    # a model trained on the first world (20+20 tasks; its configs had no version field) is refused
+    new_fields = ("version", "dev_reserved_fraction")
+    old_world = {k: v for k, v in config.to_dict(world).items() if k not in new_fields}
+    with pytest.raises(ValueError, match=r"version: trained 1, eval 2"):
+        check_synthetic_world(str(_model_dir(tmp_path, old_world)), world)
 
 
 def test_eval_job_checks_the_world_of_every_model_before_ray_starts(tmp_path, monkeypatch):

@@ -209,7 +209,7 @@ def test_eval_harmful_prompts_span_several_hundred_clusters():
 
 def test_split_key_names_every_field_that_moves_the_split():
     base = syn.split_key(SyntheticWorldCfg())
-    assert base["world_version"] == syn.WORLD_VERSION
+    assert base["version"] == syn.WORLD_VERSION
     for name, value in (("seed", 1), ("eval_reserved_fraction", 0.3), ("dev_reserved_fraction", 0.2),
                         ("heldout_template_fraction", 0.5), ("heldout_templates", ("t00",))):
         changed = dataclasses.replace(SyntheticWorldCfg(), **{name: value})
@@ -217,3 +217,5 @@ def test_split_key_names_every_field_that_moves_the_split():
         assert syn._reserved(changed) != syn._reserved(SyntheticWorldCfg()) or name in (
             "dev_reserved_fraction", "heldout_template_fraction", "heldout_templates")
     assert syn.split_key(dataclasses.replace(SyntheticWorldCfg(), num_train_pairs=7)) == base
+    with pytest.raises(ConfigError, match="version"):
+        SyntheticWorldCfg(version=1)
