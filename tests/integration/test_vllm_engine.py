@@ -135,13 +135,56 @@ def test_negative_bias_suppresses_resets_and_bad_args_fail_the_request_only(engi
     assert vllm.generate(prompts[:1], DecodeCfg(max_new_tokens=2))[0].ids  # engine still alive
 
 
-def test_llama_guard_judge_runs_on_both_engines_alike(engines):
-    """The judge's prompt goes through either engine; greedy raw outputs agree (tiny random weights)."""
-    from bt_ray.eval.judges import JudgeItem, LlamaGuard2Judge
+def test_a_failing_add_request_leaves_no_request_behind(engines):
+    """A prompt vLLM rejects (longer than its context) fails the call after earlier prompts were
+    added: those are aborted, the ids move on, and the next call generates exactly what it should."""
+    _, vllm = engines
+    prompts = _prompts(vllm.tokenizer)
+    decode = DecodeCfg(max_new_tokens=6)
+    want = [g.ids for g in vllm.generate(prompts[:2], decode)]
+    engine = vllm.llm.llm_engine
+    too_long = prompts[0] * (2048 // len(prompts[0]) + 1)  # past vllm_max_model_len (1024)
+    with pytest.raises(Exception, match="maximum context length is 1024 tokens"):
+        vllm.generate([prompts[0], prompts[1], too_long], decode)
+    assert not engine.has_unfinished_requests() and engine.get_num_unfinished_requests() == 0
+    assert [g.ids for g in vllm.generate(prompts[:2], decode)] == want
 
-    items = [JudgeItem(turns=(TEXTS[1],), answers=("Sure [RESET] I can't help with that.",)),
-             JudgeItem(turns=(TEXTS[2],), answers=("Paris",))]
-    hf_verdicts = LlamaGuard2Judge(engines[0], max_new_tokens=6).judge(items)
-    vllm_verdicts = LlamaGuard2Judge(engines[1], max_new_tokens=6).judge(items)
-    assert [v.raw for v in hf_verdicts] == [v.raw for v in vllm_verdicts]
-    assert all(v.unsafe is None and v.error for v in vllm_verdicts)  # random weights: no verdict, not a guess
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory):
+    """A tiny random Llama with a Llama-3-style tokenizer and its own generation config: a judge dir."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from tests.chat_tokenizers import llama3_tokenizer
+
+    out = tmp_path_factory.mktemp("judge")
+    tok = llama3_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 5, hidden_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, intermediate_size=64))
+    eos = [tok.convert_tokens_to_ids("<|end_of_text|>"), tok.convert_tokens_to_ids("<|eot_id|>")]
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_llama_guard_judge_on_vllm_is_the_dir_as_is(judge_dir, monkeypatch, tmp_path):
+    """vLLM serves the judge's own dir: no [RESET], no cache copy, its generation config's stop ids."""
+    from bt_ray.eval.config import EngineCfg, JudgeCfg
+    from bt_ray.eval.judges import JudgeItem, build_safety_judge
+
+    monkeypatch.setenv("BT_RAY_CACHE", str(tmp_path / "cache"))
+    engine = EngineCfg(kind="vllm", vllm_kv_cache_memory_bytes=64 << 20, max_prompt_tokens=900)
+    cfg = JudgeCfg(safety="llama-guard-2", llama_guard_model=str(judge_dir))
+    judge = build_safety_judge(cfg, engine=engine)
+    generator = judge.generator
+    tok = generator.tokenizer
+    assert generator.reset_id is None and "[RESET]" not in tok.get_vocab()
+    own_eos = sorted(tok.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eot_id|>"))
+    assert generator.stop_ids == tuple(own_eos)
+    assert not (tmp_path / "cache").exists() and not (judge_dir / "bt_ray.json").exists()
+    verdicts = judge.judge([JudgeItem(turns=(TEXTS[1],), answers=("Sure [RESET] I can't help with that.",)),
+                            JudgeItem(turns=(TEXTS[2],), answers=("Paris",))])
+    assert len(verdicts) == 2  # random weights: what they say is not checked (tests/unit/test_judges.py is)
+    del judge, generator
