@@ -182,6 +182,11 @@ def _is_local(checkpoint) -> bool:
 
 
 def _load(cfg):
+    """The model and tokenizer to train (and DPO's reference model).
+
+    DPO starts from the SFT dir, whose ``bt_ray.json`` names the ``[RESET]`` SFT trained: it is
+    used without repeating ``model.reuse_token``, and a config naming another token is refused.
+    """
     from bt_ray.models import load_model
 
     return load_model(cfg.model)
