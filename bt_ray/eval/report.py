@@ -137,7 +137,8 @@ def side_by_side(metrics_by_model: dict[str, dict]) -> str:
         return f"{g['num_errors']}/{g['num_rows']}" + (f" ({stages})" if stages else "")
 
     lines = []
-    for name in names + ["pooled"]:
+    pooled = ["pooled"] if any(m.get("pooled") for m in models) else []  # no real safety set: no row
+    for name in names + pooled:
         cells = []
         for m in models:
             g = group(m, name)

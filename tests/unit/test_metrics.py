@@ -223,6 +223,7 @@ def test_side_by_side_states_n_clusters_and_errors_of_every_dataset():
     assert "1/7 (judge 1)" in errors
     worst = next(line for line in lines if line.startswith("unsafe % worst-of-1"))
     assert "n=6 cl=3" in worst and "undet=1 err=1" in worst
+    assert not any(line.startswith("unsafe % pooled") for line in lines)  # no real safety set: no empty row
 
 
 def test_check_errors_fails_above_the_limit_naming_the_judge():
