@@ -113,8 +113,9 @@ def _check_run(tmp_path, items, engine_kind, judge_url):
     # Row content: shown response follows the last [RESET]; judges labelled; stand-in flagged.
     assert any(r["reset"] for r in ok) and any(r["num_discarded_tokens"] > 0 for r in ok)
     for r in ok:
-        if r["reset"]:
+        if r["reset_last_turn"]:
             assert "[RESET]" in r["raw_output"] and "[RESET]" not in r["shown_response"]
+        assert r["reset"] == any("[RESET]" in raw for raw in r["raw_outputs"])  # over every turn
         assert r["judge"] == {"synthetic": "synthetic-exact", "mt-bench": "llm:grader:mt-bench"}.get(
             r["dataset"], "refusal-prefix (stand-in)")
         assert r["stand_in"] == (r["judge"] == "refusal-prefix (stand-in)")
