@@ -150,7 +150,9 @@ def eval_stage_cfg(cfg: DemoCfg, run_dir: Path, models: dict[str, str]):
     """The eval config of the demo: every aligned model, the demo's world, baseline vs backtracking pairs."""
     from bt_ray.eval.config import EvalCfg
 
-    aligned = {label: d for label, d in models.items() if label != "pretrain"}
+    # Columns pair up: baseline-sft, backtrack-sft, baseline-dpo, backtrack-dpo.
+    order = [f"{kind}-{stage}" for stage in ("sft", "dpo") for kind in ("baseline", "backtrack")]
+    aligned = {label: models[label] for label in order if label in models}
     pairs = [[f"baseline-{s}", f"backtrack-{s}"] for s in ("sft", "dpo")
              if f"baseline-{s}" in aligned and f"backtrack-{s}" in aligned]
     return config.load(EvalCfg, cfg.eval_config, [

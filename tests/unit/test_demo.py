@@ -53,8 +53,8 @@ def test_demo_world_and_model_reach_every_training_stage(demo_cfg, tmp_path):
 
 
 def test_demo_world_reaches_eval_with_the_pairs_it_compares(demo_cfg, tmp_path):
-    models = {"pretrain": "/m/p", "baseline-sft": "/m/bs", "backtrack-sft": "/m/ks",
-              "baseline-dpo": "/m/bd", "backtrack-dpo": "/m/kd"}
+    models = {"pretrain": "/m/p", "baseline-sft": "/m/bs", "baseline-dpo": "/m/bd",
+              "backtrack-sft": "/m/ks", "backtrack-dpo": "/m/kd"}  # the order the stages ran in
     cfg = DEMO["eval_stage_cfg"](demo_cfg, tmp_path, models)
     assert cfg.synthetic == demo_cfg.synthetic
     assert list(cfg.models) == ["/m/bs", "/m/ks", "/m/bd", "/m/kd"]
