@@ -75,7 +75,16 @@ def submit(address: str, env: dict, script: str, args: list[str]) -> str:
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
            "--working-dir", ".", "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
            "--", "python", script, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    deadline = time.time() + 180
+    while True:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        # The job server can answer `ray job list` before the head's job agent is up; the server then
+        # refuses the submission with "No available agent ... please try again later": do so.
+        if proc.returncode == 0 or "No available agent" not in proc.stderr + proc.stdout:
+            break
+        if time.time() > deadline:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in proc.stdout, proc.stdout[-4000:]
     return proc.stdout
