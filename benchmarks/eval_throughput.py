@@ -25,7 +25,8 @@ import time
 
 from bt_ray.eval.config import DecodeCfg, EngineCfg, EvalCfg, JudgeCfg
 from bt_ray.eval.engines import HFGenerator, VLLMGenerator
-from bt_ray.eval.pipeline import expand, generate_rows, load_items, run_pipeline
+from bt_ray.eval.generate import generate_rows
+from bt_ray.eval.pipeline import expand, load_items, run_pipeline
 from bt_ray.models import ModelCfg
 
 

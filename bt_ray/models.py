@@ -19,6 +19,7 @@ token is refused.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from bt_ray.config import ConfigError, check
+from bt_ray.config import ConfigError, check, to_dict
 from bt_ray.reset import (
     RESET_TOKEN,
     ResetInfo,
@@ -328,6 +329,36 @@ def write_metadata(out_dir: str | Path, metadata: dict, tokenizer) -> Path:
     text = json.dumps({**metadata, RESET_METADATA_KEY: reset}, indent=2, sort_keys=True, default=str)
     path.write_text(text)
     return path
+
+
+def materialize(model_cfg: ModelCfg) -> Path:
+    """An HF directory holding the model with ``[RESET]`` (vLLM loads directories only).
+
+    A directory saved by bt-ray is used as is (it records its ``[RESET]``); presets and other models
+    are built once with ``load_model`` and saved under the cache dir, keyed by the model config.
+    """
+    path = Path(model_cfg.name)
+    if (path / BT_RAY_METADATA).is_file():
+        return path
+    # The key covers the dir layout too: copies made before bt_ray.json recorded the reset token are
+    # rebuilt, not reused.
+    key_src = {"model": to_dict(model_cfg), "recorded": RESET_METADATA_KEY}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_dir(model_cfg) / "eval-models" / f"{path.name}-{key}"
+    if (out / BT_RAY_METADATA).is_file():
+        return out
+    model, tokenizer, _ = load_model(model_cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        save_model(model, tokenizer, tmp, {"config": {"model": to_dict(model_cfg)}, "stage": "eval"})
+        try:
+            os.rename(tmp, out)  # atomic: two actors materializing at once never see half a dir
+        except OSError:
+            if not (out / BT_RAY_METADATA).is_file():
+                raise
+        else:
+            Path(tmp).mkdir()
+    return out
 
 
 def describe(model, tokenizer, info: ResetInfo) -> dict:

@@ -17,25 +17,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
-import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
-from bt_ray import config
 from bt_ray.eval.config import DecodeCfg, EngineCfg
-from bt_ray.models import (
-    BT_RAY_METADATA,
-    RESET_METADATA_KEY,
-    ModelCfg,
-    cache_dir,
-    load_model,
-    load_tokenizer,
-    save_model,
-)
+from bt_ray.models import ModelCfg, load_model, load_tokenizer, materialize
 from bt_ray.reset import end_of_turn_ids
 
 
@@ -91,36 +79,6 @@ def resolve_kind(kind: str) -> str:
     if kind == "auto":
         return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
     return kind
-
-
-def materialize(model_cfg: ModelCfg) -> Path:
-    """An HF directory holding the model with ``[RESET]`` (vLLM loads directories only).
-
-    A directory saved by bt-ray is used as is (it records its ``[RESET]``); presets and other models
-    are built once with ``load_model`` and saved under the cache dir, keyed by the model config.
-    """
-    path = Path(model_cfg.name)
-    if (path / BT_RAY_METADATA).is_file():
-        return path
-    # The key covers the dir layout too: copies made before bt_ray.json recorded the reset token are
-    # rebuilt, not reused.
-    key_src = {"model": config.to_dict(model_cfg), "recorded": RESET_METADATA_KEY}
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:12]
-    out = cache_dir(model_cfg) / "eval-models" / f"{path.name}-{key}"
-    if (out / BT_RAY_METADATA).is_file():
-        return out
-    model, tokenizer, _ = load_model(model_cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        save_model(model, tokenizer, tmp, {"config": {"model": config.to_dict(model_cfg)}, "stage": "eval"})
-        try:
-            os.rename(tmp, out)  # atomic: two actors materializing at once never see half a dir
-        except OSError:
-            if not (out / BT_RAY_METADATA).is_file():
-                raise
-        else:
-            Path(tmp).mkdir()
-    return out
 
 
 def build_generator(model_cfg: ModelCfg, engine: EngineCfg) -> Generator:

@@ -19,11 +19,14 @@ chat-template preprocessing does not guarantee; (4) on this 2-core machine it ne
 start-up and +3-3.6 GB per actor, against ~30 s for vLLM in our own actor. ``GenerateStage`` is that
 actor: one ``Generator`` per actor, vLLM's ``logit_bias`` plus ``VllmResetLimitProcessor`` for
 the ``[RESET]`` knobs, token ids read back.
+
+The stages live beside their work: ``bt_ray.eval.generate`` (``generate_rows``, ``GenerateStage``) and
+``bt_ray.eval.judging`` (``judge_rows``, ``JudgeStage``); this module loads the prompts, wires the
+stages into Ray Data and writes the rows and metrics.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -31,17 +34,9 @@ import time
 from bt_ray import config
 from bt_ray.data.synthetic import SyntheticWorldCfg
 from bt_ray.eval.config import DatasetCfg, DecodeCfg, EngineCfg, EvalCfg, JudgeCfg
-from bt_ray.eval.engines import Generator, build_generator
-from bt_ray.eval.judges import (
-    JUDGE_VERSION,
-    Judge,
-    JudgeItem,
-    LLMJudge,
-    SyntheticJudge,
-    build_safety_judge,
-)
+from bt_ray.eval.generate import GenerateStage
+from bt_ray.eval.judging import JudgeStage
 from bt_ray.models import ModelCfg
-from bt_ray.reset import backtrack_output, encode_chat_prompt, raw_text, shown_text
 
 # ---------------------------------------------------------------- prompts
 
@@ -89,173 +84,6 @@ def expand(items: list[dict], num_samples: int = 1) -> list[dict]:
     """One row per (item, sample), numbered by ``index``."""
     rows = [dict(item, sample=s) for item in items for s in range(num_samples)]
     return [dict(r, index=i) for i, r in enumerate(rows)]
-
-
-# ---------------------------------------------------------------- generation (+ post-processing)
-
-
-def row_seed(seed: int, row: dict, turn: int) -> int:
-    """The sampling seed of one row's turn: a hash of (seed, dataset, prompt, sample, turn).
-
-    The same however rows are batched or sharded across actors, and distinct across rows, so
-    samples are independent draws (a seed per batch position would repeat in every batch).
-    """
-    key = f"{seed}/{row['dataset']}/{row['prompt_index']}/{row['sample']}/{turn}"
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
-
-
-def generate_rows(
-    generator: Generator, rows: list[dict], decode: DecodeCfg, *, max_prompt_tokens: int
-) -> list[dict]:
-    """Answer every user turn of every row, in order, with backtracking post-processing per turn.
-
-    Turn t of a row is encoded with the *shown* answers of its earlier turns (what the user saw);
-    all rows' turn t go through one batched generate call. The judged answer is the last turn's.
-    Counts cover every turn: a needless reset in a greeting turn is a reset of the row.
-
-    Returns:
-        The rows with per-turn ``answers`` (shown) and ``raw_outputs``; the judged (last) turn's
-        ``raw_output`` and ``shown_response``; ``reset`` (any turn reset), ``reset_last_turn``,
-        ``num_resets``, ``num_discarded_tokens`` (all turns) and ``num_discarded_tokens_last_turn``;
-        ``stopped`` (every turn ended with a stop id; False: some turn hit ``max_new_tokens``);
-        ``empty_shown`` (the judged answer shows nothing: every judge calls that safe);
-        ``num_output_tokens``; ``time_to_first_kept_token_s`` of the judged turn (None when it kept
-        no token); ``generate_start``/``generate_end`` (epoch seconds); ``error``.
-    """
-    tok = generator.tokenizer
-    out = [dict(r, answers=[], raw_outputs=[], num_output_tokens=0, num_discarded_tokens=0, num_resets=0,
-                stopped=True, error=r.get("error")) for r in rows]
-    for t in range(max((len(r["turns"]) for r in rows), default=0)):
-        active, prompts = [], []
-        for r in out:
-            if r["error"] or t >= len(r["turns"]):
-                continue
-            try:
-                if not r["turns"][t].strip():
-                    raise ValueError(f"turn {t} of {r['location']} is empty")
-                messages = []
-                for u, a in zip(r["turns"][:t], r["answers"]):
-                    messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-                ids = encode_chat_prompt(tok, messages + [{"role": "user", "content": r["turns"][t]}])
-                if len(ids) > max_prompt_tokens:
-                    raise ValueError(f"prompt of {len(ids)} tokens exceeds engine.max_prompt_tokens="
-                                     f"{max_prompt_tokens}")
-            except Exception as e:  # noqa: BLE001 - the row records it, the run goes on
-                r["error"] = f"encode: {type(e).__name__}: {e}"
-                continue
-            active.append(r)
-            prompts.append(ids)
-        if not active:
-            continue
-        seeds = [row_seed(decode.seed, r, t) for r in active]
-        start = time.time()
-        try:
-            gens = generator.generate(prompts, decode, seeds)
-        except Exception:  # noqa: BLE001 - find the failing rows one by one; the others still count
-            gens = []
-            for r, ids, seed in zip(active, prompts, seeds):
-                try:
-                    gens.append(generator.generate([ids], decode, [seed])[0])
-                except Exception as e:  # noqa: BLE001
-                    r["error"] = f"generate: {type(e).__name__}: {e}"
-                    gens.append(None)
-        end = time.time()
-        for r, g in zip(active, gens):
-            if g is None:
-                continue
-            post = backtrack_output(g.ids, generator.reset_id, generator.stop_ids)
-            shown = shown_text(tok, post)
-            r["answers"].append(shown)
-            r["raw_outputs"].append(raw_text(tok, post))
-            r["num_output_tokens"] += len(g.ids)
-            r["num_resets"] += post.num_resets
-            r["num_discarded_tokens"] += post.num_discarded_tokens
-            r["stopped"] = r["stopped"] and post.stopped
-            r.setdefault("generate_start", start)
-            r["generate_end"] = end
-            if t == len(r["turns"]) - 1:  # the judged turn
-                r["raw_output"] = r["raw_outputs"][-1]
-                r["shown_response"] = shown
-                r["reset_last_turn"] = post.did_reset
-                r["num_discarded_tokens_last_turn"] = post.num_discarded_tokens
-                r["empty_shown"] = not shown
-                kept = post.first_kept_index < len(post.raw_ids)
-                r["time_to_first_kept_token_s"] = g.token_times[post.first_kept_index] if kept else None
-    for r in out:
-        done = len(r["answers"]) == len(r["turns"]) and not r["error"]
-        r["reset"] = r["num_resets"] > 0 if done else None
-        if not done:  # an error row: its partial counts describe no answer
-            r["stopped"] = None
-    return out
-
-
-class GenerateStage:
-    """Ray Data actor: one ``Generator`` (model loaded once), batches of JSON rows in and out."""
-
-    def __init__(self, model: dict, engine: dict, decode: dict):
-        self.engine = config.build(EngineCfg, engine)
-        self.decode = config.build(DecodeCfg, decode)
-        self.generator = build_generator(config.build(ModelCfg, model), self.engine)
-
-    def __call__(self, batch: dict) -> dict:
-        rows = [json.loads(p) for p in batch["payload"]]
-        limit = self.engine.max_prompt_tokens
-        done = generate_rows(self.generator, rows, self.decode, max_prompt_tokens=limit)
-        return {"payload": [json.dumps(r) for r in done]}
-
-
-# ---------------------------------------------------------------- judging
-
-
-def build_judges(judge: JudgeCfg, model: ModelCfg, engine: EngineCfg) -> dict[str, Judge | None]:
-    """The judge of each kind of row: ``synthetic``, ``safety`` (real sets), ``helpfulness`` (MT-Bench)."""
-    safety = build_safety_judge(judge, engine=engine, dtype=model.dtype)
-    return {
-        "synthetic": SyntheticJudge() if judge.synthetic_exact else safety,
-        "safety": safety,
-        "helpfulness": LLMJudge(judge.llm, "mt-bench") if judge.llm.base_url else None,
-    }
-
-
-def judge_rows(judges: dict[str, Judge | None], rows: list[dict]) -> list[dict]:
-    """Add ``unsafe``, ``score``, ``category``, ``judge``, ``stand_in``, ``judge_raw`` to each row."""
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        kind = {"synthetic": "synthetic", "mt-bench": "helpfulness"}.get(r["dataset"], "safety")
-        r.update(unsafe=None, score=None, verdict_category="", judge=None, stand_in=False, judge_raw=None,
-                 judge_version=JUDGE_VERSION)
-        if not r.get("error"):
-            groups.setdefault(kind, []).append(r)
-    for kind, group in groups.items():
-        judge = judges.get(kind)
-        if judge is None:
-            continue  # e.g. MT-Bench without an LLM judge: generated, not graded
-        items = [JudgeItem(turns=tuple(r["turns"]), answers=tuple(r["answers"]), harmful=r["harmful"])
-                 for r in group]
-        try:
-            verdicts = judge.judge(items)
-        except Exception as e:  # noqa: BLE001 - a judge failure is recorded on its rows (and counted)
-            for r in group:
-                r.update(error=f"judge: {type(e).__name__}: {e}", judge=judge.name, stand_in=judge.stand_in)
-            continue
-        for r, v in zip(group, verdicts):
-            r.update(unsafe=v.unsafe, score=v.score, verdict_category=v.category, judge=judge.name,
-                     stand_in=judge.stand_in, judge_raw=v.raw)
-            if v.error:
-                r["error"] = f"judge: {v.error}"
-    return rows
-
-
-class JudgeStage:
-    """Ray Data actor holding the judges (Llama Guard loads its model once here)."""
-
-    def __init__(self, judge: dict, model: dict, engine: dict):
-        self.judges = build_judges(config.build(JudgeCfg, judge), config.build(ModelCfg, model),
-                                   config.build(EngineCfg, engine))
-
-    def __call__(self, batch: dict) -> dict:
-        rows = judge_rows(self.judges, [json.loads(p) for p in batch["payload"]])
-        return {"payload": [json.dumps(r) for r in rows]}
 
 
 # ---------------------------------------------------------------- the pipeline

@@ -163,7 +163,8 @@ def test_samples_of_one_prompt_are_independent_across_batches(tiny_hf):
     (A seed per batch position made every batch sample the same ids: samples 0, 2, 4, 6 were one.)
     The seeds are a function of the row, not of its batch: the same rows give the same samples.
     """
-    from bt_ray.eval.pipeline import expand, generate_rows
+    from bt_ray.eval.generate import generate_rows
+    from bt_ray.eval.pipeline import expand
 
     items = [{"dataset": "d", "prompt_index": 0, "turns": ["Tell me about dragons"], "harmful": True,
               "location": "d #0"}]

@@ -16,17 +16,10 @@ import pytest
 
 from bt_ray.eval.config import DatasetCfg, DecodeCfg, EvalCfg, JudgeCfg, LLMJudgeCfg
 from bt_ray.eval.engines import Generation, stop_ids_of
+from bt_ray.eval.generate import generate_rows
+from bt_ray.eval.judging import build_judges, judge_rows
 from bt_ray.eval.metrics import ErrorRateExceeded, check_errors, summarize
-from bt_ray.eval.pipeline import (
-    ROW_KEYS,
-    build_judges,
-    check_synthetic_world,
-    expand,
-    generate_rows,
-    judge_rows,
-    load_items,
-    write_rows,
-)
+from bt_ray.eval.pipeline import ROW_KEYS, check_synthetic_world, expand, load_items, write_rows
 from bt_ray.models import ModelCfg
 from bt_ray.reset import encode_chat_prompt, encode_text
 
