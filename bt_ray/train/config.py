@@ -12,7 +12,8 @@ from typing import Literal
 
 from bt_ray.config import ConfigError, check
 from bt_ray.data.build import SourceCfg
-from bt_ray.data.recipes import JudgeFilterCfg, JudgeFilterName, PrefixCfg
+from bt_ray.data.judge_filter import JudgeFilterCfg, JudgeFilterName
+from bt_ray.data.recipes import PrefixCfg
 from bt_ray.data.synthetic import SyntheticWorldCfg
 from bt_ray.models import ModelCfg
 

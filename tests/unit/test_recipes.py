@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from bt_ray.config import ConfigError
+from bt_ray.data.judge_filter import JudgeFilterCfg
 from bt_ray.data.recipes import (
-    JudgeFilterCfg,
     PrefixCfg,
     RecipeBuilder,
     RecipeCfg,
@@ -235,7 +235,7 @@ def test_judge_filter_judges_in_batches_and_sees_the_conversation(tok):
     judge = CountingJudge()
     build_rows(FILTERED, stand_in_cfg("backtrack-sft", batch_size=4), tokenizer, reset, judge=judge)
     assert judge.calls == [4, 2]  # 3 harmful pairs with a y-, 2 answers each, never one call per pair
-    from bt_ray.data.recipes import judge_items
+    from bt_ray.data.judge_filter import judge_items
 
     item = judge_items(SAFE_Y_MINUS, SAFE_Y_MINUS.rejected)
     assert item.turns == ("what is a bomb?", "go on")
