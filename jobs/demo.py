@@ -17,15 +17,13 @@ its own config; the demo chains their outputs and forwards its model and its wor
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import runpy
 import sys
 import time
 from pathlib import Path
 
-from bt_ray import config
+from bt_ray import config, tracking
 from bt_ray.data.build import format_rendered, render_row
 from bt_ray.demo import DemoCfg
 from bt_ray.models import describe, load_model, save_model
@@ -34,11 +32,7 @@ JOBS = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None) -> DemoCfg:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="YAML config (DemoCfg)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. synthetic.seed=1")
-    args = parser.parse_args(argv)
-    return config.load(DemoCfg, args.config, args.overrides)
+    return config.parse_job_args(DemoCfg, __doc__, argv, example="synthetic.seed=1")
 
 
 def world_overrides(cfg: DemoCfg, prefix: str) -> list[str]:
@@ -51,8 +45,7 @@ def main(cfg: DemoCfg) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = config.dump(cfg, run_dir / "config.yaml")
     # One MLflow store for every stage, so the UI compares them (an explicit setting wins).
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
-    tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
+    tracking_uri = tracking.use_one_store(run_dir)
     print(f"== bt-ray demo -> {run_dir.resolve()} (MLflow {tracking_uri})")
 
     # ---- 1. the model with [RESET]: the first training stage starts from this directory

@@ -17,7 +17,25 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 class RayReportCallback(TrainerCallback):
-    """Reports each HF checkpoint to Ray (all ranks call report; the node's local rank 0 attaches it)."""
+    """Reports each HF checkpoint to Ray (all ranks call report; the node's local rank 0 attaches it).
+
+    Used instead of Ray's ``ray.train.huggingface.transformers.RayTrainReportCallback``, which every
+    rank runs the same way: it copies the latest HF checkpoint into a temp dir and reports it, with
+    the metrics of the whole log history, under a timestamped name with the HF files nested in
+    ``checkpoint/``. Here instead:
+
+    * one upload per node: HF writes to a node-local staging dir shared by the node's workers
+      (``loop.py``), and only local rank 0 attaches it, after a barrier that waits for every rank's
+      DeepSpeed shards; the other ranks report metrics only. No temp copy is made;
+    * named checkpoint dirs: ``checkpoint-<step:06d>`` with the HF files at the top, which the driver
+      sorts, exports and resumes from (``driver.checkpoints``, ``driver.export_model``, ``loop.py``
+      reads ``trainer_state.json`` at the top);
+    * metadata: rank 0 writes ``bt_ray.json`` into the checkpoint before it is uploaded (stage, steps,
+      resolved config, git sha, the ``[RESET]`` trained and, when tracked, the MLflow run), so every
+      checkpoint and the exported model say what they are and which run made them;
+    * the reported metrics are step, epoch and the last logged loss, the score that ``run.keep_by:
+      loss`` ranks checkpoints by; and the last step always saves, so the final model is a checkpoint.
+    """
 
     def __init__(self, loop_config: dict, rank: int, local_rank: int):
         self._loop_config = loop_config
@@ -40,14 +58,8 @@ class RayReportCallback(TrainerCallback):
 
         ckpt_dir = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
         if self._rank == 0:
-            metadata = {
-                "stage": self._loop_config["stage"],
-                "global_step": state.global_step,
-                "max_steps": state.max_steps,
-                "config": self._loop_config["cfg"],
-                "git_sha": self._loop_config["git_sha"],
-            }
             # with the [RESET] token (text and id) of the tokenizer trained, so loading reads it back
+            metadata = checkpoint_metadata(self._loop_config, state)
             write_metadata(ckpt_dir, metadata, kwargs["processing_class"])
         dist.barrier()  # every rank's shards are on disk before the node's files are uploaded
         metrics = {"step": state.global_step, "epoch": state.epoch or 0.0,
@@ -57,8 +69,30 @@ class RayReportCallback(TrainerCallback):
                          checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{state.global_step:06d}")
 
 
+def checkpoint_metadata(loop_config: dict, state) -> dict:
+    """What a checkpoint's ``bt_ray.json`` records besides its ``[RESET]``: stage, steps, the resolved
+    config, git sha and, when the stage is tracked, its MLflow run (so a run that uses the model,
+    e.g. an eval, names the run that trained it: ``tracking.lineage_tags``)."""
+    metadata = {
+        "stage": loop_config["stage"],
+        "global_step": state.global_step,
+        "max_steps": state.max_steps,
+        "config": loop_config["cfg"],
+        "git_sha": loop_config["git_sha"],
+    }
+    if loop_config["mlflow"] is not None:
+        metadata["mlflow_run_id"] = loop_config["mlflow"]["run_id"]
+        metadata["mlflow_tracking_uri"] = loop_config["mlflow"]["tracking_uri"]
+    return metadata
+
+
 class MetricsCallback(TrainerCallback):
-    """Rank 0: per-step metrics (with tokens/s) to ``metrics.jsonl`` and MLflow."""
+    """Rank 0: per-step metrics (with tokens/s) to ``metrics.jsonl`` and MLflow.
+
+    Not HF's ``MLflowCallback``: that one logs through the fluent API into a run it finds by
+    ``MLFLOW_RUN_ID`` and knows nothing of tokens/s, peak RSS or ``metrics.jsonl``. Here the driver's
+    run id comes in the loop config and ``tracking.log_metrics`` reuses one client per process.
+    """
 
     def __init__(self, loop_config: dict, rank: int):
         self._rank = rank
