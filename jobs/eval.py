@@ -7,8 +7,10 @@ Run as:
 For each model (a preset or an HF directory): the Ray Data pipeline (generate on an actor pool ->
 backtracking post-processing -> judge) writes <run_dir>/<label>/main/rows.jsonl and metrics.json;
 optional worst-of-k sampling and a [RESET] bias sweep add their own rows and a trade-off plot. One
-MLflow run per model (children of one parent when there are several) with identical metric names;
-the store is $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db. summary.json ties it together,
+MLflow run per model (children of one parent when there are several; FAILED if it raises) with
+identical metric names, tagged with the model dir and the training run that made it
+(``tracking.lineage_tags``); the store is $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
+(``bt_ray.tracking``). summary.json ties it together,
 with the paired, cluster-aware comparisons of the ``compare`` pairs (``report.compare_pairs``).
 
 Before Ray starts, a model trained on a synthetic world with another train/eval split than
@@ -18,14 +20,13 @@ Before Ray starts, a model trained on a synthetic world with another train/eval 
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
-from bt_ray import config
+from bt_ray import config, tracking
 from bt_ray.eval.config import EvalCfg
 from bt_ray.eval.engines import resolve_kind
 from bt_ray.eval.metrics import POOLED_SAFETY_SETS, worst_of_k
@@ -42,11 +43,7 @@ from bt_ray.models import PRESETS
 
 
 def parse_args(argv=None) -> EvalCfg:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="YAML config (EvalCfg)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. decode.reset_bias=-5")
-    args = parser.parse_args(argv)
-    return config.load(EvalCfg, args.config, args.overrides)
+    return config.parse_job_args(EvalCfg, __doc__, argv, example="decode.reset_bias=-5")
 
 
 def labels_of(cfg: EvalCfg) -> list[str]:
@@ -62,21 +59,6 @@ def labels_of(cfg: EvalCfg) -> list[str]:
     if len(set(labels)) != len(labels):
         raise ValueError(f"models have clashing directory names {labels}; set labels to name them")
     return labels
-
-
-def setup_mlflow(cfg: EvalCfg, run_dir: Path):
-    """The MLflow store (env wins, else sqlite under the run dir) and experiment with explicit artifacts."""
-    import mlflow
-
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(cfg.mlflow_experiment)
-    if experiment is None:
-        artifacts = (run_dir / "mlflow-artifacts").resolve().as_uri()
-        mlflow.create_experiment(cfg.mlflow_experiment, artifact_location=artifacts)
-    mlflow.set_experiment(cfg.mlflow_experiment)
-    print(f"-- MLflow store {uri}, experiment {cfg.mlflow_experiment} (mlflow ui --backend-store-uri {uri})")
-    return mlflow
 
 
 def evaluate_one(cfg: EvalCfg, name: str, out: Path, items: list[dict]) -> tuple[dict, list[dict]]:
@@ -144,7 +126,8 @@ def main(cfg: EvalCfg) -> dict:
             check_synthetic_world(name, cfg.synthetic)
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
-    mlflow = setup_mlflow(cfg, run_dir)
+    uri = tracking.resolve_tracking_uri(None, run_dir)
+    print(f"-- MLflow store {uri}, experiment {cfg.mlflow_experiment} (mlflow ui --backend-store-uri {uri})")
     items = load_items(cfg)
     print(f"-- {len(items)} prompts: " + ", ".join(f"{d.name}" + (f"[:{d.limit}]" if d.limit else "")
                                                   for d in cfg.datasets))
@@ -152,35 +135,37 @@ def main(cfg: EvalCfg) -> dict:
     params["engine.resolved"] = engine
 
     results, sweeps, run_ids = {}, {}, {}
-    parent = mlflow.start_run(run_name=f"eval:{run_dir.name}") if len(labels) > 1 else None
-    try:
+    # One run per model, under one parent run when there are several; each ends FAILED if it raises.
+    store = dict(tracking_uri=uri, experiment=cfg.mlflow_experiment,
+                 artifact_dir=run_dir / "mlflow-artifacts")
+    tags = {"stage": "eval", "git_sha": config.git_sha()}
+    with contextlib.ExitStack() as stack:
+        parent = None
+        if len(labels) > 1:
+            parent = stack.enter_context(
+                tracking.Run.start(**store, run_name=f"eval:{run_dir.name}", tags=tags))
         for label, name in zip(labels, cfg.models):
             t0 = time.perf_counter()
-            with mlflow.start_run(run_name=label, nested=parent is not None) as run:
-                mlflow.log_params(params | {"model.name": name, "model.label": label})
-                try:
-                    metrics, sweep = evaluate_one(cfg, name, run_dir / label, items)
-                except Exception:
-                    mlflow.end_run(status="FAILED")
-                    raise
-                mlflow.log_metrics(flat_metrics(metrics))
+            lineage = tracking.lineage_tags(name)  # the model dir and the training run that made it
+            with tracking.Run.start(**store, run_name=label, parent=parent,
+                                    tags=tags | {"model": name} | lineage) as run:
+                run.log_params(params | {"model.name": name, "model.label": label})
+                metrics, sweep = evaluate_one(cfg, name, run_dir / label, items)
+                run.log_metrics(flat_metrics(metrics))
                 for i, point in enumerate(sweep):
-                    mlflow.log_metrics({f"sweep.{k}": v for k, v in point.items() if v is not None}, step=i)
+                    run.log_metrics({f"sweep.{k}": v for k, v in point.items() if v is not None}, step=i)
                 if sweep:
                     sweeps[label] = sweep
                     png = plot_sweep({label: sweep}, run_dir / label / "bias_sweep.png")
-                    mlflow.log_artifact(str(png))
-                mlflow.log_artifact(str(run_dir / label / "main" / "rows.jsonl"))
-                mlflow.log_artifact(str(run_dir / label / "metrics.json"))
-                mlflow.log_artifact(str(config_path))
-                run_ids[label] = run.info.run_id
+                    run.log_artifact(png)
+                run.log_artifact(run_dir / label / "main" / "rows.jsonl")
+                run.log_artifact(run_dir / label / "metrics.json")
+                run.log_artifact(config_path)
+                run_ids[label] = run.run_id
             results[label] = metrics
             speed = metrics["throughput"]["output_tokens_per_s"]
             print(f"-- {label}: {metrics['num_rows']} rows, {metrics['num_errors']} errors, "
                   f"{speed:.1f} tok/s, {time.perf_counter() - t0:.0f}s -> {run_dir / label}")
-    finally:
-        if parent is not None:
-            mlflow.end_run()
 
     figures = []
     if len(sweeps) > 1:
@@ -198,8 +183,8 @@ def main(cfg: EvalCfg) -> dict:
         "models": {label: {"name": name, "rows": str(run_dir / label / "main" / "rows.jsonl"),
                            "metrics": results[label], "mlflow_run_id": run_ids[label]}
                    for label, name in zip(labels, cfg.models)},
-        "mlflow": {"tracking_uri": mlflow.get_tracking_uri(), "experiment": cfg.mlflow_experiment,
-                   "parent_run_id": parent.info.run_id if parent else None},
+        "mlflow": {"tracking_uri": uri, "experiment": cfg.mlflow_experiment,
+                   "parent_run_id": parent.run_id if parent else None},
         "figures": figures,
         "table": table,
         "comparisons": compared,

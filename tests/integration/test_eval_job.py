@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import runpy
+import shutil
 
 import pytest
 
@@ -31,11 +33,28 @@ def _mlflow_runs(summary):
     return mlflow.search_runs(experiment_names=[summary["mlflow"]["experiment"]], output_format="list")
 
 
+def _trained_copy(model_cfg, dest):
+    """The tiny model as a tracked training stage leaves it: a dir whose bt_ray.json names its MLflow run."""
+    from bt_ray.models import materialize
+
+    shutil.copytree(materialize(dataclasses.replace(model_cfg, name="tiny")), dest)
+    meta = json.loads((dest / "bt_ray.json").read_text())
+    recorded = {"stage": "sft", "git_sha": "abc123", "mlflow_run_id": "f" * 32, "mlflow_tracking_uri": "sqlite:///t.db"}
+    (dest / "bt_ray.json").write_text(json.dumps(meta | recorded))
+    return dest
+
+
 def test_eval_job_two_models_parent_and_children(ray_cluster, tmp_path, monkeypatch):
+    from bt_ray import tracking
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     job = _job()
-    cfg = config.load(EvalCfg, REPO / "jobs" / "configs" / "eval_tiny_synthetic.yaml",
-                      _overrides(tmp_path, ["compare=[[baseline, backtrack]]", "bootstrap_resamples=200"]))
+    base = REPO / "jobs" / "configs" / "eval_tiny_synthetic.yaml"
+    # "backtrack" is the same tiny model as a training run's dir: same outputs, plus lineage tags
+    trained = _trained_copy(config.load(EvalCfg, base, []).model, tmp_path / "sft-model")
+    cfg = config.load(EvalCfg, base, _overrides(tmp_path, [f"models=[tiny, {trained}]",
+                                                           "compare=[[baseline, backtrack]]",
+                                                           "bootstrap_resamples=200"]))
     summary = job["main"](cfg)
 
     run = tmp_path / "run"
@@ -51,6 +70,14 @@ def test_eval_job_two_models_parent_and_children(ray_cluster, tmp_path, monkeypa
     assert children[0].data.metrics.keys() == children[1].data.metrics.keys()  # compare view lines up
     assert "synthetic.unsafe_rate" in children[0].data.metrics
     assert summary["models"]["baseline"]["mlflow_run_id"] == runs["baseline"].info.run_id
+    assert summary["mlflow"]["parent_run_id"] == parent.info.run_id
+    assert all(r.info.status == "FINISHED" and r.data.tags["stage"] == "eval" for r in [parent, *children])
+    # lineage: the model dir and the training run its bt_ray.json records; a preset has none
+    tags = runs["backtrack"].data.tags
+    assert tags[tracking.TAG_MODEL_DIR] == str(trained.resolve()) and tags[tracking.TAG_MODEL_STAGE] == "sft"
+    assert tags[tracking.TAG_TRAIN_RUN_ID] == "f" * 32 and tags[tracking.TAG_MODEL_GIT_SHA] == "abc123"
+    assert not any(k.startswith("lineage.") for k in runs["baseline"].data.tags)
+    assert runs["baseline"].data.params.keys() == runs["backtrack"].data.params.keys()
     # artifacts under the run dir (explicit artifact_location), not Ray's temp dir
     assert (run / "mlflow-artifacts").is_dir()
     assert "unsafe % synthetic" in summary["table"] and "errors synthetic" in summary["table"]
