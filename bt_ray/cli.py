@@ -1,8 +1,9 @@
 """The ``bt-ray`` command line.
 
 ``bt-ray data build`` and ``bt-ray data inspect`` are library tools and run here. Job subcommands
-(``bt-ray demo``, ...) run the matching script in ``jobs/`` with the same arguments, so
-``bt-ray demo --config X`` and ``python jobs/demo.py --config X`` are one code path.
+(``bt-ray demo``, ...) run the matching script in ``jobs/`` with the same arguments, which it parses
+with ``bt_ray.config.parse_job_args``, so ``bt-ray demo --config X`` and
+``python jobs/demo.py --config X`` are one code path.
 
 Every subcommand takes ``--config FILE.yaml`` and trailing dotted overrides (``recipe.max_length=512``).
 User errors (bad config, malformed data, missing files) print one clear message and exit 2.

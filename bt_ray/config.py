@@ -304,6 +304,22 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
     return cfg
 
 
+def parse_job_args(cls: type[T], doc: str | None, argv: list[str] | None = None, *,
+                   example: str = "run.name=x") -> T:
+    """The command line of every job: ``--config FILE.yaml`` then dotted overrides, loaded into ``cls``.
+
+    One parser for ``jobs/*.py``, and so for ``bt-ray <job>`` (which runs the job's script with the same
+    arguments). The first paragraph of the job's docstring ``doc`` is its ``--help`` description;
+    ``example`` is the override its help shows. ``argv`` defaults to ``sys.argv[1:]``.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--config", default=None, help=f"YAML config ({cls.__name__})")
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    args = parser.parse_args(argv)
+    return load(cls, args.config, args.overrides)
+
 def to_dict(cfg: Any) -> Any:
     """A plain, YAML-safe dict of a config (tuples become lists)."""
     if dataclasses.is_dataclass(cfg):
@@ -362,6 +378,6 @@ def git_sha() -> str:
 
 
 __all__ = [
-    "ConfigError", "check", "load", "build", "dump", "to_dict", "flatten", "read_yaml",
+    "ConfigError", "check", "load", "parse_job_args", "build", "dump", "to_dict", "flatten", "read_yaml",
     "apply_overrides", "git_sha",
 ]

@@ -118,3 +118,21 @@ def test_every_yaml_under_jobs_configs_and_clusters_validates():
             list(yaml.safe_load_all(path.read_text()))
             continue
         config.load(cls, path)
+
+
+def test_every_job_parses_config_and_overrides_the_same_way(tmp_path, capsys):
+    """``parse_job_args``: ``--config`` then dotted overrides, loaded with every error at once; ``--help``
+    shows the first paragraph of the job's docstring."""
+    path = write(tmp_path, "recipe:\n  name: baseline-sft\n")
+    doc = "Build rows.\n\nMore detail that --help leaves out."
+    cfg = config.parse_job_args(DataBuildCfg, doc, ["--config", str(path), "recipe.max_length=64"])
+    assert (cfg.recipe.name, cfg.recipe.max_length) == ("baseline-sft", 64)
+    assert config.parse_job_args(DataBuildCfg, doc, []) == DataBuildCfg()
+    with pytest.raises(ConfigError, match="recipe.max_length must be an integer"):
+        config.parse_job_args(DataBuildCfg, doc, ["recipe.max_length=long"])
+    with pytest.raises(SystemExit) as e:
+        config.parse_job_args(DataBuildCfg, doc, ["--help"], example="recipe.max_length=64")
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "Build rows." in out and "More detail" not in out
+    assert "YAML config (DataBuildCfg)" in out and "recipe.max_length=64" in out
