@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import REPO
+
 BT_RAY = str(Path(sys.executable).parent / "bt-ray")
 
 
@@ -129,3 +131,15 @@ def test_config_with_unknown_key_and_wrong_type_reports_both(tmp_path):
     assert f"{cfg}:3: recipe.nme: unknown key (did you mean 'name'?)" in p.stderr
     assert f"{cfg}:4: recipe.max_length must be an integer; got 'long'" in p.stderr
     assert "2 problem(s)" in p.stderr
+
+
+@pytest.mark.parametrize("name,cfg_class", [("sft", "SFTJobCfg"), ("dpo", "DPOJobCfg"), ("eval", "EvalCfg"),
+                                            ("demo", "DemoCfg")])
+def test_job_subcommands_parse_like_their_job_script(name, cfg_class):
+    """``bt-ray <job> --help`` is the job script's own parser (``bt_ray.config.parse_job_args``)."""
+    via_cli = run(name, "--help")
+    via_script = subprocess.run([sys.executable, str(REPO / "jobs" / f"{name}.py"), "--help"],
+                                capture_output=True, text=True, timeout=300)
+    assert via_cli.returncode == via_script.returncode == 0, via_cli.stderr + via_script.stderr
+    assert f"YAML config ({cfg_class})" in via_cli.stdout and "dotted overrides" in via_cli.stdout
+    assert via_cli.stdout == via_script.stdout
