@@ -38,7 +38,10 @@ class TrainDataCfg:
     filter: JudgeFilterCfg = field(default_factory=JudgeFilterCfg)
     """Settings of judge_filter=judge (the judge, its engine) and column (label columns)."""
     max_length: int = 1024
-    """Longest row in tokens when building (rows are never truncated; longer ones are skipped)."""
+    """Building rows from sources (ignored when path is set): the longest row made, in tokens (prompt +
+    completion, or prompt + the longer response). Backtracking rows shorten their prefix to fit; a row
+    that cannot fit is skipped and counted, never truncated (RecipeCfg.max_length). sft.max_length is
+    the other limit: a check on the rows SFT trains on."""
     shuffle_seed: int | None = 0
     """Seed of the shuffle after mixing sources when building; null keeps source order."""
     limit: int | None = None
@@ -189,7 +192,14 @@ class SFTCfg:
     """SFT-specific settings (TRL SFTTrainer, completion-only loss on pre-tokenized rows)."""
 
     max_length: int | None = None
-    """Rows longer than this are an error before training (never truncated); null = no limit."""
+    """Training, not building: the longest sequence (prompt + completion tokens) SFT trains on. A row
+    over it, from data.path or built, stops the job before training (rows are never truncated; build
+    them with data.max_length at most this to skip long ones instead); null = no limit."""
+
+
+# TRL 1.16's DPO losses (trl.DPOConfig.loss_type): a typo fails here, not on the workers.
+DPOLossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                      "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -198,8 +208,8 @@ class DPOCfg:
 
     beta: float = 0.1
     """KL penalty (PAPER.md grid: 0.025, 0.05, 0.1, 0.2)."""
-    loss_type: tuple[str, ...] = ("sigmoid",)
-    """TRL loss types; ["sigmoid", "sft"] adds an NLL term on the chosen response."""
+    loss_type: tuple[DPOLossType, ...] = ("sigmoid",)
+    """TRL loss types (summed); ["sigmoid", "sft"] adds an NLL term on the chosen response."""
     precompute_ref_log_probs: bool = False
     """Compute reference log-probs once before training instead of keeping a reference model copy."""
 

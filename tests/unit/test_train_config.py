@@ -169,3 +169,32 @@ def test_source_split_is_checked_against_the_source():
     assert "data.sources[0].split must be null: source 'oasst2' has no splits" in msg
     assert "data.sources[1].split must be null (= train) or one of train, test for source 'hh-rlhf'" in msg
     assert "data.sources[2].split must be null (= train) or one of train, dev for source 'synthetic'" in msg
+
+
+def test_a_dpo_loss_type_typo_fails_on_the_driver_naming_the_field():
+    with pytest.raises(ConfigError, match=r"dpo.loss_type\[1\] must be one of .*; got 'sigmod_norm' "
+                                          r"\(did you mean 'sigmoid_norm'\?\)"):
+        config.load(DPOJobCfg, None, ["dpo.loss_type=[sft, sigmod_norm]"])
+    assert config.load(DPOJobCfg, None, ["dpo.loss_type=[sigmoid, sft]"]).dpo.loss_type == ("sigmoid", "sft")
+
+
+def test_dpo_loss_types_are_the_installed_trls():
+    """DPOLossType is what the installed TRL's DPOConfig names: a TRL upgrade that changes them fails."""
+    import re
+    import typing
+
+    from trl import DPOConfig
+
+    from bt_ray.train.config import DPOLossType
+
+    help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    named = re.findall(r"`'(\w+)'`", help_text.split("If multiple")[0])
+    assert set(typing.get_args(DPOLossType)) == set(named), named
+
+
+def test_the_stage_of_a_job_config():
+    from bt_ray.train.job import stage_of
+
+    assert stage_of(SFTJobCfg()) == "sft" and stage_of(DPOJobCfg()) == "dpo"
+    with pytest.raises(TypeError, match="not a training job config"):
+        stage_of(DeepSpeedCfg())
