@@ -232,7 +232,7 @@ class RecipeBuilder:
         if len(prompt_ids) + len(completion) > self.cfg.max_length:
             self.report.skipped["too_long"] += 1
             return None
-        return self._sft_row(ex, "plain", prompt_ids, completion, num_prefix_tokens=0)
+        return self._row(ex, "plain", prompt=prompt_ids, completion=completion, num_prefix_tokens=0)
 
     def _backtrack_sft(self, ex, prompt_ids, chosen_ids, rejected_ids):
         if not rejected_ids:
@@ -244,20 +244,8 @@ class RecipeBuilder:
         if k is None:
             self.report.skipped["too_long"] += 1
             return None
-        return self._sft_row(ex, "backtrack", prompt_ids + rejected_ids[:k], completion, num_prefix_tokens=k)
-
-    def _sft_row(self, ex, kind, prompt_ids, completion_ids, *, num_prefix_tokens):
-        return {
-            "recipe": self.cfg.name,
-            "kind": kind,
-            "source": ex.source,
-            "location": ex.location,
-            "num_prefix_tokens": num_prefix_tokens,
-            "prompt": self._text(prompt_ids),
-            "completion": self._text(completion_ids),
-            "prompt_ids": prompt_ids,
-            "completion_ids": completion_ids,
-        }
+        return self._row(ex, "backtrack", prompt=prompt_ids + rejected_ids[:k], completion=completion,
+                         num_prefix_tokens=k)
 
     # -- DPO
 
@@ -269,7 +257,8 @@ class RecipeBuilder:
         if len(prompt_ids) + max(len(chosen), len(rejected)) > self.cfg.max_length:
             self.report.skipped["too_long"] += 1
             return None
-        return self._dpo_row(ex, "plain", prompt_ids, chosen, rejected, num_prefix_tokens=0)
+        return self._row(ex, "plain", prompt=prompt_ids, chosen=chosen, rejected=rejected,
+                         num_prefix_tokens=0)
 
     def _backtrack_dpo(self, ex, kind, prompt_ids, chosen_ids, rejected_ids):
         if rejected_ids is None:
@@ -293,23 +282,22 @@ class RecipeBuilder:
         carry_on = started[k:] + self.eot
         reset_branch = reset + other + self.eot
         chosen, rejected = (reset_branch, carry_on) if kind == "harmful" else (carry_on, reset_branch)
-        return self._dpo_row(
-            ex, f"backtrack-{kind}", prompt_ids + started[:k], chosen, rejected, num_prefix_tokens=k
-        )
+        return self._row(ex, f"backtrack-{kind}", prompt=prompt_ids + started[:k], chosen=chosen,
+                         rejected=rejected, num_prefix_tokens=k)
 
-    def _dpo_row(self, ex, kind, prompt_ids, chosen_ids, rejected_ids, *, num_prefix_tokens):
+    # -- rows
+
+    def _row(self, ex, kind, *, num_prefix_tokens, **sequences):
+        """A row: where it came from, then each token sequence (``prompt`` and ``completion`` for SFT,
+        ``prompt``, ``chosen`` and ``rejected`` for DPO) as text, then as ids."""
         return {
             "recipe": self.cfg.name,
             "kind": kind,
             "source": ex.source,
             "location": ex.location,
             "num_prefix_tokens": num_prefix_tokens,
-            "prompt": self._text(prompt_ids),
-            "chosen": self._text(chosen_ids),
-            "rejected": self._text(rejected_ids),
-            "prompt_ids": prompt_ids,
-            "chosen_ids": chosen_ids,
-            "rejected_ids": rejected_ids,
+            **{name: self._text(ids) for name, ids in sequences.items()},
+            **{f"{name}_ids": ids for name, ids in sequences.items()},
         }
 
     def _text(self, ids: list[int]) -> str:
