@@ -1,4 +1,4 @@
-"""Driver-side steps shared by ``jobs/sft.py`` and ``jobs/dpo.py``: checks, rows, resume state, export.
+"""Driver-side steps of a training stage (``bt_ray.train.job.run_stage``): checks, rows, resume state, export.
 
 Everything here runs on the driver, before or after the ``TorchTrainer``; nothing here trains.
 """
