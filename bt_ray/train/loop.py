@@ -1,6 +1,6 @@
 """The per-worker training loop: TRL SFT or DPO under DeepSpeed, inside a Ray Train worker.
 
-``jobs/sft.py`` and ``jobs/dpo.py`` build the ``TorchTrainer``; each worker runs
+``bt_ray.train.job.run_stage`` builds the ``TorchTrainer``; each worker runs
 ``train_loop_per_worker(loop_config)`` with the dict from ``make_loop_config``.
 
 What every worker does:
@@ -34,8 +34,6 @@ from bt_ray import config as config_lib
 from bt_ray.train.batch import plan_batch
 from bt_ray.train.config import DPOJobCfg, SFTJobCfg
 from bt_ray.train.deepspeed import deepspeed_config, resolve_precision
-
-WORKERS_DIR = "workers"
 
 
 def make_loop_config(stage: str, cfg: SFTJobCfg | DPOJobCfg, rows_ref: Any, run_dir: Path,
@@ -86,13 +84,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
 
     run_dir = Path(loop_config["run_dir"])
-    (run_dir / WORKERS_DIR).mkdir(parents=True, exist_ok=True)
-    (run_dir / WORKERS_DIR / f"rank-{rank}.pid").write_text(f"{os.getpid()}\n")
-
-    # Node-local, shared by this node's workers, distinct per run dir.
-    run_key = hashlib.sha256(str(run_dir).encode()).hexdigest()[:8]
-    staging = Path(tempfile.gettempdir()) / "bt-ray-train" / f"{run_dir.name}-{run_key}"
-    hf_dir = staging / "hf"
+    hf_dir = staging_dir(run_dir) / "hf"
     if local_rank == 0:  # stale checkpoints of an earlier attempt must not be re-reported
         shutil.rmtree(hf_dir, ignore_errors=True)
         hf_dir.mkdir(parents=True, exist_ok=True)
@@ -173,6 +165,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     dist.barrier()  # every checkpoint is uploaded (reports are synchronous): drop the staging copies
     if local_rank == 0:
         shutil.rmtree(hf_dir, ignore_errors=True)
+
+
+def staging_dir(run_dir: Path) -> Path:
+    """Where a node's workers stage checkpoints of ``run_dir``: node-local, shared by the node's workers,
+    distinct per run dir. Its ``hf`` dir is made when a worker group starts and removed when training ends."""
+    run_key = hashlib.sha256(str(run_dir).encode()).hexdigest()[:8]
+    return Path(tempfile.gettempdir()) / "bt-ray-train" / f"{run_dir.name}-{run_key}"
 
 
 def _is_local(checkpoint) -> bool:

@@ -18,6 +18,7 @@ import pytest
 
 from bt_ray import config
 from bt_ray.train.config import DPOJobCfg, SFTJobCfg
+from bt_ray.train.loop import staging_dir
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -195,7 +196,9 @@ def test_use_gpu_without_gpus_fails_before_any_worker(ray_cluster, tmp_path):
                                             "data.synthetic.num_train_pairs=16"])
     with pytest.raises(RuntimeError, match=r"scaling.use_gpu=true needs 2 GPU\(s\)"):
         job("sft").main(cfg)
-    assert not (tmp_path / "gpu" / "workers").exists()  # no worker ever started
+    # No worker ever started: a worker group's first act is to make its checkpoint staging dir.
+    assert not staging_dir(tmp_path / "gpu").exists()
+    assert not (tmp_path / "gpu" / "metrics.jsonl").exists()
 
 
 def _committed_checkpoint(run_dir: Path) -> str | None:
@@ -208,8 +211,37 @@ def _committed_checkpoint(run_dir: Path) -> str | None:
     return latest["checkpoint_dir_name"] if latest else None
 
 
+def _train_worker_pids(since: float) -> list[int]:
+    """Pids of the Ray Train workers started after ``since`` in this session's Ray cluster.
+
+    The ``ray_cluster`` fixture starts Ray under this process, so its workers are this process's
+    descendants (never another session's on the same machine); Ray titles an actor's process
+    ``ray::<class>[.<method>]``.
+    """
+    import psutil
+
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = proc.cmdline()[:1]
+            if title and title[0].startswith("ray::RayTrainWorker") and proc.create_time() >= since:
+                pids.append(proc.pid)
+        except psutil.Error:  # exited while we looked
+            continue
+    return pids
+
+
+def _rank0_pid(run_dir: Path) -> int | None:
+    """Rank 0's pid, from the last line it logged to ``metrics.jsonl`` (None before the first)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["pid"] if lines else None
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        return None
+
+
 def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_steps(sft_zero2, tmp_path):
-    """SIGKILL rank 1 after a committed checkpoint: the group restarts and continues from it.
+    """SIGKILL a worker other than rank 0 after a committed checkpoint: the group restarts from it.
 
     The finished run has the same steps and losses as the uninterrupted ``sft_zero2`` run (same config
     but for ``run.save_steps``, which does not change the trajectory), so the data order and optimizer
@@ -227,6 +259,7 @@ def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_steps
                                             "mlflow.experiment=test-kill"])
     run_dir = tmp_path / "sft-kill"
     killed: dict = {}
+    started = time.time()
 
     def kill_after_first_checkpoint():
         deadline = time.time() + 600
@@ -234,11 +267,12 @@ def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_steps
             # Ray's controller commits a reported checkpoint when it next polls the workers (every
             # 2 s): a worker dying before that loses the report, and the group restarts from the
             # checkpoint before it. Kill only once the controller's snapshot names a checkpoint.
-            committed = _committed_checkpoint(run_dir)
-            pid_file = run_dir / "workers" / "rank-1.pid"
-            if committed and pid_file.is_file():
-                killed["after"] = committed
-                killed["pid"] = int(pid_file.read_text())
+            # Not rank 0 (the pid in metrics.jsonl): it writes metrics.jsonl, and a kill mid-line
+            # would leave a broken record.
+            committed, rank0 = _committed_checkpoint(run_dir), _rank0_pid(run_dir)
+            others = [pid for pid in _train_worker_pids(started) if pid != rank0]
+            if committed and rank0 is not None and others:
+                killed["after"], killed["pid"] = committed, others[0]
                 os.kill(killed["pid"], signal.SIGKILL)
                 return
             time.sleep(0.2)
