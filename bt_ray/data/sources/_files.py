@@ -329,9 +329,16 @@ def _collect(
     out: list = []
     if limit == 0:
         return out, report
-    for where, row in rows(origin):
+    return _take(rows(origin), parse, limit, out, report)
+
+
+def _take(items: Iterable[tuple[_Where, Any]], parse: Callable[[Any, _Where], Any], limit: int | None,
+          out: list, report: LoadReport) -> tuple[list, LoadReport]:
+    """Parse items in order into ``out`` until ``limit`` are used; each is counted read, and used or
+    skipped by its ``_Skip`` rule."""
+    for where, item in items:
         report.num_read += 1
-        result = parse(row, where)
+        result = parse(item, where)
         if isinstance(result, _Skip):
             report.skip(result.rule)
             continue

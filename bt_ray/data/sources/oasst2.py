@@ -19,6 +19,7 @@ from bt_ray.data.sources._files import (
     _resolve,
     _Skip,
     _Source,
+    _take,
     _Where,
 )
 
@@ -276,14 +277,5 @@ def load_oasst2(
         raise where.error(
             "is neither a message tree (message_tree_id, prompt) nor a message (message_id, parent_id)"
         )
-    for tree_id, state, root, tree_where in trees:
-        report.num_read += 1
-        result = _oa_example(tree_id, state, root, tree_where, report)
-        if isinstance(result, _Skip):
-            report.skip(result.rule)
-            continue
-        out.append(result)
-        report.num_used += 1
-        if limit is not None and report.num_used >= limit:
-            break
-    return out, report
+    items = ((tree_where, (tree_id, state, root)) for tree_id, state, root, tree_where in trees)
+    return _take(items, lambda tree, where: _oa_example(*tree, where, report), limit, out, report)
