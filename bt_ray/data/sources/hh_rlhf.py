@@ -22,27 +22,27 @@ from bt_ray.data.sources._files import (
     _Where,
 )
 
-_HH_EXPECTED = "Anthropic HH-RLHF JSONL (.jsonl or .jsonl.gz) with 'chosen' and 'rejected' dialogues"
-_HH_TRAIN = _Source(
-    "hh-rlhf",
-    "hh-rlhf/harmless-base/train.jsonl.gz",
-    _HH_EXPECTED + ", harmless-base train split",
-    _Hub("Anthropic/hh-rlhf", "harmless-base", "train", sub_arg="data_dir"),
-    extra_dir_names=("harmless-base/train.jsonl.gz", "train.jsonl", "harmless-base/train.jsonl"),
-    missing_hint=(
-        "the HH-RLHF harmless-base train split is not shipped in the shared datasets (only its test "
-        "split, which evaluation uses); give the source a path: a local harmless-base/train.jsonl.gz "
-        "(or a directory holding it), or the hub id Anthropic/hh-rlhf@harmless-base[train]"
-    ),
-)
-_HH_TEST = _Source(
-    "hh-rlhf",
-    "hh-rlhf/harmless-base/test.jsonl.gz",
-    _HH_EXPECTED + ", harmless-base test split",
-    _Hub("Anthropic/hh-rlhf", "harmless-base", "test", sub_arg="data_dir"),
-    extra_dir_names=("harmless-base/test.jsonl.gz", "test.jsonl", "harmless-base/test.jsonl"),
-    sha256="ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03",  # the shipped file
-    size=742801,
+
+def _hh_source(split: str, **known) -> _Source:
+    """The harmless-base file of one split, in the shared-datasets layout and on the hub."""
+    return _Source(
+        "hh-rlhf",
+        f"hh-rlhf/harmless-base/{split}.jsonl.gz",
+        "Anthropic HH-RLHF JSONL (.jsonl or .jsonl.gz) with 'chosen' and 'rejected' dialogues, "
+        f"harmless-base {split} split",
+        _Hub("Anthropic/hh-rlhf", "harmless-base", split, sub_arg="data_dir"),
+        extra_dir_names=(f"harmless-base/{split}.jsonl.gz", f"{split}.jsonl", f"harmless-base/{split}.jsonl"),
+        **known,
+    )
+
+
+_HH_TRAIN = _hh_source("train", missing_hint=(
+    "the HH-RLHF harmless-base train split is not shipped in the shared datasets (only its test "
+    "split, which evaluation uses); give the source a path: a local harmless-base/train.jsonl.gz "
+    "(or a directory holding it), or the hub id Anthropic/hh-rlhf@harmless-base[train]"
+))
+_HH_TEST = _hh_source(
+    "test", sha256="ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03", size=742801,  # shipped
 )
 _HH_SPLITS = {"train": _HH_TRAIN, "test": _HH_TEST}
 
