@@ -1,4 +1,5 @@
-"""Everything bt-ray knows about the ``[RESET]`` token, in one module.
+"""Everything bt-ray knows about the ``[RESET]`` token, in one package (this module, plus ``vllm.py``
+for the vLLM logits processor, which imports vLLM).
 
 Data recipes, evaluation, serving and attacks all import from here, so the token's semantics cannot
 drift between them:
@@ -448,7 +449,7 @@ def raw_text(tokenizer, output: BacktrackOutput) -> str:
     return tokenizer.decode(output.raw_ids, skip_special_tokens=False)
 
 
-# vLLM V1 keys of SamplingParams.extra_args read by the vLLM processor below.
+# vLLM V1 keys of SamplingParams.extra_args read by the vLLM processor (bt_ray.reset.vllm).
 VLLM_RESET_ID_ARG = "bt_ray_reset_id"
 VLLM_MAX_RESETS_ARG = "bt_ray_max_resets"
 
@@ -460,82 +461,11 @@ def vllm_sampling_extra_args(reset_id: int, max_resets: int | None) -> dict | No
     return {VLLM_RESET_ID_ARG: int(reset_id), VLLM_MAX_RESETS_ARG: int(max_resets)}
 
 
-def _build_vllm_processor_class():
-    """Define the vLLM V1 logits processor (vLLM is imported only when it is asked for)."""
-    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
-
-    class VllmResetLimitProcessor(LogitsProcessor):
-        """vLLM V1 processor: ``[RESET]`` logit -> -inf once a request has ``max_resets`` resets.
-
-        Registered engine-wide (``LLM(logits_processors=[...])``); a request opts in through
-        ``SamplingParams(extra_args=vllm_sampling_extra_args(...))``. The bias itself travels as
-        vLLM's standard ``logit_bias``, so the OpenAI API carries it too.
-        """
-
-        @classmethod
-        def validate_params(cls, sampling_params):
-            # A bad argument must fail the request, not the engine (EngineDeadError otherwise).
-            args = sampling_params.extra_args or {}
-            if VLLM_MAX_RESETS_ARG in args or VLLM_RESET_ID_ARG in args:
-                n, rid = args.get(VLLM_MAX_RESETS_ARG), args.get(VLLM_RESET_ID_ARG)
-                if not isinstance(n, int) or n < 0:
-                    raise ValueError(f"extra_args.{VLLM_MAX_RESETS_ARG} must be an int >= 0; got {n!r}")
-                if not isinstance(rid, int) or rid < 0:
-                    raise ValueError(f"extra_args.{VLLM_RESET_ID_ARG} must be a token id; got {rid!r}")
-
-        def __init__(self, vllm_config, device, is_pin_memory):
-            # batch index -> [reset id, max resets, live reference to the request's output ids,
-            #                 ids already scanned, resets seen]: each step scans only the new ids.
-            self._requests: dict[int, list] = {}
-
-        def is_argmax_invariant(self) -> bool:
-            return False
-
-        def update_state(self, batch_update: BatchUpdate | None) -> None:
-            if batch_update is None:
-                return
-            for index in batch_update.removed:
-                self._requests.pop(index, None)
-            for index, params, _prompt_ids, output_ids in batch_update.added:
-                args = (params.extra_args or {}) if params is not None else {}
-                if VLLM_MAX_RESETS_ARG in args:
-                    reset_id, max_resets = args[VLLM_RESET_ID_ARG], args[VLLM_MAX_RESETS_ARG]
-                    self._requests[index] = [reset_id, max_resets, output_ids, 0, 0]
-                else:
-                    self._requests.pop(index, None)
-            for a, b, direction in batch_update.moved:
-                state_a, state_b = self._requests.pop(a, None), self._requests.pop(b, None)
-                if state_a is not None:
-                    self._requests[b] = state_a
-                if state_b is not None and direction == MoveDirectionality.SWAP:
-                    self._requests[a] = state_b
-
-        def apply(self, logits: torch.Tensor) -> torch.Tensor:
-            rows, cols = [], []
-            for index, state in self._requests.items():
-                reset_id, max_resets, output_ids, num_seen, num_resets = state
-                if len(output_ids) > num_seen:
-                    num_resets += output_ids[num_seen:].count(reset_id)
-                    state[3], state[4] = len(output_ids), num_resets
-                if num_resets >= max_resets:
-                    rows.append(index)
-                    cols.append(reset_id)
-            if rows:
-                logits[rows, cols] = float("-inf")
-            return logits
-
-    VllmResetLimitProcessor.__module__ = __name__
-    return VllmResetLimitProcessor
-
-
-_VLLM_CLASSES: dict[str, type] = {}
-
-
 def __getattr__(name: str):
-    # ``bt_ray.reset:VllmResetLimitProcessor`` resolves lazily, so importing this module never
-    # imports vLLM, while vLLM (and pickling by reference) can still find the class by name.
+    # ``bt_ray.reset.VllmResetLimitProcessor`` resolves lazily (from ``bt_ray.reset.vllm``), so
+    # importing this package never imports vLLM.
     if name == "VllmResetLimitProcessor":
-        if name not in _VLLM_CLASSES:
-            _VLLM_CLASSES[name] = _build_vllm_processor_class()
-        return _VLLM_CLASSES[name]
+        from bt_ray.reset.vllm import VllmResetLimitProcessor
+
+        return VllmResetLimitProcessor
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
