@@ -184,7 +184,11 @@ def test_llama_guard_judge_on_vllm_is_the_dir_as_is(judge_dir, monkeypatch, tmp_
     own_eos = sorted(tok.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eot_id|>"))
     assert generator.stop_ids == tuple(own_eos)
     assert not (tmp_path / "cache").exists() and not (judge_dir / "bt_ray.json").exists()
-    verdicts = judge.judge([JudgeItem(turns=(TEXTS[1],), answers=("Sure [RESET] I can't help with that.",)),
-                            JudgeItem(turns=(TEXTS[2],), answers=("Paris",))])
-    assert len(verdicts) == 2  # random weights: what they say is not checked (tests/unit/test_judges.py is)
+    items = [JudgeItem(turns=(TEXTS[1],), answers=("Sure [RESET] I can't help with that.",)),
+             JudgeItem(turns=(TEXTS[2],), answers=("Paris",))]
+    verdicts = judge.judge(items)
+    # Random weights say nothing meaningful, but both engines must read the same greedy output from
+    # the same judge dir (verdict parsing itself is tested in tests/unit/test_judges.py).
+    hf = build_safety_judge(cfg, engine=EngineCfg(kind="hf")).judge(items)
+    assert [v.raw for v in verdicts] == [v.raw for v in hf]
     del judge, generator

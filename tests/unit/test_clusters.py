@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -37,26 +38,41 @@ def test_git_sha_comes_from_the_environment_outside_a_git_tree(tmp_path, monkeyp
 
 
 def test_submit_script_passes_the_checkouts_git_sha_to_the_job(tmp_path):
-    """clusters/submit.sh hands ray the sha git gives here (a stand-in ``ray`` prints its arguments)."""
+    """clusters/submit.sh hands ray the checkout's sha, "+dirty" once a tracked file changes (in a
+    throwaway repo with a known commit; a stand-in ``ray`` prints its arguments)."""
+    repo = tmp_path / "checkout"
+    (repo / "clusters").mkdir(parents=True)
+    shutil.copy(REPO / "clusters" / "submit.sh", repo / "clusters" / "submit.sh")
+    (repo / "README").write_text("v1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    sha = subprocess.run([*git, "log", "-1", "--format=%H"], capture_output=True, text=True,
+                         check=True).stdout.strip()
     fake_ray = tmp_path / "ray"
     fake_ray.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     fake_ray.chmod(0o755)
-    proc = subprocess.run(
-        [str(REPO / "clusters" / "submit.sh"), "--address", "http://head:8265", "--",
-         "python", "jobs/sft.py", "--config", "jobs/configs/sft_llama3_8b.yaml"],
-        cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "RAY": str(fake_ray)},
-        capture_output=True, text=True, check=True,
-    )
-    args = proc.stdout.splitlines()
+
+    def submit() -> list[str]:
+        return subprocess.run(
+            [str(repo / "clusters" / "submit.sh"), "--address", "http://head:8265", "--",
+             "python", "jobs/sft.py", "--config", "jobs/configs/sft_llama3_8b.yaml"],
+            cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "RAY": str(fake_ray)},
+            capture_output=True, text=True, check=True,
+        ).stdout.splitlines()
+
+    args = submit()
     assert args[:4] == ["job", "submit", "--working-dir", "."]
     runtime_env = json.loads(args[args.index("--runtime-env-json") + 1])
     assert ".git" in runtime_env["excludes"] and ".venv" in runtime_env["excludes"]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                          check=True).stdout.strip()
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=REPO).returncode != 0
-    assert runtime_env["env_vars"]["BT_RAY_GIT_SHA"] == head + ("+dirty" if dirty else "")
+    assert runtime_env["env_vars"]["BT_RAY_GIT_SHA"] == sha
     assert args[args.index("--"):] == ["--", "python", "jobs/sft.py", "--config",
                                        "jobs/configs/sft_llama3_8b.yaml"]
+    (repo / "README").write_text("v2\n")
+    args = submit()
+    runtime_env = json.loads(args[args.index("--runtime-env-json") + 1])
+    assert runtime_env["env_vars"]["BT_RAY_GIT_SHA"] == sha + "+dirty"
 
 
 @pytest.mark.parametrize("cls", [SFTJobCfg, DPOJobCfg])

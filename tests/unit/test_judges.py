@@ -126,8 +126,11 @@ def test_llama_guard_is_loaded_as_a_judge_not_as_a_policy(tmp_path):
     assert generator.stop_ids == tuple(sorted((end, eot)))
     assert generator.model.generation_config.eos_token_id == [end, eot]
     assert not (tmp_path / "bt_ray.json").exists()
-    verdicts = judge.judge([JudgeItem(turns=("Hi",), answers=("Hello",))])  # runs end to end
-    assert len(verdicts) == 1 and (verdicts[0].unsafe is not None or verdicts[0].error)
+    item = JudgeItem(turns=("Hi",), answers=("Hello",))
+    verdicts = judge.judge([item])  # end to end: the verdict reads what the judge model generated
+    generated = generator.generate([llama_guard_2_prompt_ids(generator.tokenizer, item)], judge.decode)[0]
+    assert len(verdicts) == 1
+    assert verdicts[0].raw == generator.tokenizer.decode(generated.ids, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize(

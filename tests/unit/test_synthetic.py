@@ -208,14 +208,19 @@ def test_eval_harmful_prompts_span_several_hundred_clusters():
 
 
 def test_split_key_names_every_field_that_moves_the_split():
-    base = syn.split_key(SyntheticWorldCfg())
-    assert base["version"] == syn.WORLD_VERSION
+    base = SyntheticWorldCfg(num_eval_prompts=200)
+    split = (template_split(base), syn._reservations(base))
+    assert syn.split_key(base)["version"] == syn.WORLD_VERSION
     for name, value in (("seed", 1), ("eval_reserved_fraction", 0.3), ("dev_reserved_fraction", 0.2),
                         ("heldout_template_fraction", 0.5), ("heldout_templates", ("t00",))):
-        changed = dataclasses.replace(SyntheticWorldCfg(), **{name: value})
-        assert syn.split_key(changed) != base, name
-        assert syn._reserved(changed) != syn._reserved(SyntheticWorldCfg()) or name in (
-            "dev_reserved_fraction", "heldout_template_fraction", "heldout_templates")
-    assert syn.split_key(dataclasses.replace(SyntheticWorldCfg(), num_train_pairs=7)) == base
+        changed = dataclasses.replace(base, **{name: value})
+        assert name in syn.split_key(changed)
+        # the field really moves the held-out templates or the eval/dev reservations
+        assert (template_split(changed), syn._reservations(changed)) != split, name
+    # a field outside the key moves neither the split nor the eval prompts
+    sizes = dataclasses.replace(base, num_train_pairs=7, num_dev_pairs=3, num_pretrain_examples=11)
+    assert syn.split_key(sizes) == syn.split_key(base)
+    assert (template_split(sizes), syn._reservations(sizes)) == split
+    assert eval_prompts(sizes)[0] == eval_prompts(base)[0]
     with pytest.raises(ConfigError, match="version"):
         SyntheticWorldCfg(version=1)
