@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,13 @@ def shared_datasets_dir() -> Path | None:
     env = os.environ.get("BT_RAY_DATA_DIR")
     path = Path(env) if env else REPO.parent / "shared" / "datasets"
     return path if path.is_dir() else None
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (closed again when this returns)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 from bt_ray.eval.config import DatasetCfg, DecodeCfg, EngineCfg, EvalCfg, JudgeCfg, LLMJudgeCfg
 from bt_ray.eval.pipeline import evaluate_model, expand, load_items
 from bt_ray.models import ModelCfg
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -138,13 +138,9 @@ def test_pipeline_vllm_two_actors(ray_cluster, tmp_path, judge_url):
 
 def test_pipeline_fails_naming_the_judge_when_it_is_down(ray_cluster, tmp_path):
     """MT-Bench graded by an LLM judge at a closed port: every graded row errors, so the run fails."""
-    import socket
-
     from bt_ray.eval.metrics import ErrorRateExceeded
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"  # closed once the socket is
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     sets = (DatasetCfg(name="mt-bench", path=str(ASSETS / FILES["mt-bench"])),
             DatasetCfg(name="synthetic", limit=2))
     items = expand(load_items(EvalCfg(datasets=sets)))

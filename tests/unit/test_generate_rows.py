@@ -10,7 +10,6 @@ tokenizer, chat template and post-processing are the real ones.
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
@@ -22,6 +21,7 @@ from bt_ray.eval.metrics import ErrorRateExceeded, check_errors, summarize
 from bt_ray.eval.pipeline import ROW_KEYS, check_synthetic_world, expand, load_items, write_rows
 from bt_ray.models import ModelCfg
 from bt_ray.reset import encode_chat_prompt, encode_text
+from tests.conftest import free_port
 
 
 class ScriptedGenerator:
@@ -188,15 +188,11 @@ def test_eval_job_checks_the_world_of_every_model_before_ray_starts(tmp_path, mo
     assert ray.is_initialized() == ray_was_up  # refused before the job started Ray
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed once the socket is
 
 
 def test_a_judge_that_is_down_fails_the_eval_naming_the_judge():
     """The LLM judge pointed at a closed port: every row it grades errors, and the error limit names it."""
-    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     judge = JudgeCfg(llm=LLMJudgeCfg(base_url=url, model="grader", timeout_s=5))
     judges = build_judges(judge, ModelCfg(), engine=None)
     rows = [{"dataset": "mt-bench", "prompt_index": i, "sample": 0, "cluster": f"prompt:{i}",

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
 
 from bt_ray import tracking
 from bt_ray.tracking import MAX_PARAM_VALUE_LENGTH, StageRun, cap_params, log_metrics, resolve_tracking_uri
+from tests.conftest import free_port
 
 
 def test_params_are_capped_to_mlflow_limits():
@@ -109,9 +109,7 @@ def test_a_store_error_on_reopen_is_raised_not_taken_for_a_missing_run(tmp_path,
     id_file = run_dir / "mlflow_run_id"
 
     # A server that is down: the error is about reading the run, and nothing else is tried.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
+    closed_port = free_port()
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     with pytest.raises(MlflowException, match="runs/get"):
