@@ -192,6 +192,12 @@ def _load_base_tokenizer(cfg: ModelCfg):
     return AutoTokenizer.from_pretrained(source)
 
 
+def read_metadata(model_dir: str | Path) -> dict | None:
+    """The ``bt_ray.json`` of a model dir saved by bt-ray; None for presets, hub ids and plain HF dirs."""
+    path = Path(model_dir).expanduser() / BT_RAY_METADATA
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def recorded_reset(cfg: ModelCfg) -> dict | None:
     """The ``[RESET]`` a bt-ray dir records (``{"token", "id"}``), checked against the config.
 
@@ -203,9 +209,7 @@ def recorded_reset(cfg: ModelCfg) -> dict | None:
             the default) to another token, than the dir records.
     """
     meta_path = Path(cfg.name) / BT_RAY_METADATA
-    if not meta_path.is_file():
-        return None
-    recorded = json.loads(meta_path.read_text()).get(RESET_METADATA_KEY)
+    recorded = (read_metadata(cfg.name) or {}).get(RESET_METADATA_KEY)
     if recorded is None:
         return None
     token = recorded["token"]

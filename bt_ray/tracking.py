@@ -30,7 +30,6 @@ the same run.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from pathlib import Path
@@ -253,15 +252,14 @@ def lineage_tags(model_name: str) -> dict[str, str]:
     A local dir gives ``lineage.model_dir``; a bt-ray dir adds the stage and git sha that made it and,
     when the stage was tracked, that training run's id and store. A preset or hub id gives nothing.
     """
-    from bt_ray.models import BT_RAY_METADATA
+    from bt_ray.models import read_metadata
 
     path = Path(model_name).expanduser()
     if not path.is_dir():
         return {}
     tags = {TAG_MODEL_DIR: str(path.resolve())}
-    meta_path = path / BT_RAY_METADATA
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+    meta = read_metadata(path)
+    if meta is not None:
         recorded = {TAG_MODEL_STAGE: meta.get("stage"), TAG_MODEL_GIT_SHA: meta.get("git_sha"),
                     TAG_TRAIN_RUN_ID: meta.get("mlflow_run_id"),
                     TAG_TRAIN_TRACKING_URI: meta.get("mlflow_tracking_uri")}

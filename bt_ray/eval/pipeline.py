@@ -202,12 +202,10 @@ def check_synthetic_world(model_name: str, world: SyntheticWorldCfg) -> None:
     from pathlib import Path
 
     from bt_ray.data.synthetic import WORLD_VERSION, split_key
-    from bt_ray.models import BT_RAY_METADATA
+    from bt_ray.models import BT_RAY_METADATA, read_metadata
 
     path = Path(model_name).expanduser() / BT_RAY_METADATA
-    if not path.is_file():
-        return
-    data = (json.loads(path.read_text()).get("config") or {}).get("data") or {}
+    data = ((read_metadata(model_name) or {}).get("config") or {}).get("data") or {}
     recorded = data.get("synthetic")
     sources = [str(s.get("name", "")) for s in data.get("sources") or []]
     if recorded is None or (data.get("path") is None and not any(n.startswith("synthetic") for n in sources)):
