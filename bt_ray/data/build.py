@@ -17,6 +17,7 @@ from pathlib import Path
 from bt_ray.config import check, dump, git_sha, to_dict
 from bt_ray.data.recipes import RecipeCfg, build_rows, trained_mask
 from bt_ray.data.records import LoadReport, PreferenceExample
+from bt_ray.data.sources import PREFERENCE_SPLITS
 from bt_ray.data.synthetic import SyntheticWorldCfg, preference_examples, pretraining_examples
 from bt_ray.models import ModelCfg, load_tokenizer
 
@@ -26,12 +27,9 @@ SYNTHETIC_SOURCES = ("synthetic", "synthetic-pretrain")
 SOURCE_SPLITS: dict[str, tuple[str, ...]] = {
     "synthetic": ("train", "dev"),
     "synthetic-pretrain": (),
-    "hh-rlhf": ("train", "test"),
-    "oasst2": (),
-    "safety-tuned-llamas": (),
+    **PREFERENCE_SPLITS,
 }
-"""Splits each source's ``split`` may name; empty = the source has none (``split`` must be null).
-Mirrors ``bt_ray.data.sources.PREFERENCE_SPLITS`` (a test keeps them equal)."""
+"""Splits each source's ``split`` may name; empty = the source has none (``split`` must be null)."""
 
 
 def _split_rule(name: str) -> str:
@@ -93,10 +91,7 @@ def load_source(
     src: SourceCfg, synthetic_cfg: SyntheticWorldCfg, *, field: str = "sources[]"
 ) -> tuple[list[PreferenceExample], LoadReport]:
     """Preference examples of one source, with its load report (``field`` names it in errors)."""
-    if src.name in SYNTHETIC_SOURCES:
-        allowed = SOURCE_SPLITS[src.name]
-        if src.split is not None and src.split not in allowed:
-            raise ValueError(f"{field}.split {_split_rule(src.name)}; got {src.split!r}")
+    # SourceCfg has checked src.split against SOURCE_SPLITS.
     if src.name == "synthetic":
         examples, report = preference_examples(synthetic_cfg, split=src.split or "train")
     elif src.name == "synthetic-pretrain":

@@ -43,7 +43,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,40 +248,28 @@ class EvalTestSet:
     canonical: tuple[int, str] | None = None
 
 
-def eval_test_sets(datasets: Iterable[tuple[str, str | None]] | None = None) -> list[EvalTestSet]:
-    """The evaluation test sets, resolved as evaluation reads them (nothing is read).
-
-    Args:
-        datasets: ``(name, path)`` of evaluation sets (an eval config's ``datasets``); None = every
-            name in ``EVAL_DATASETS`` at its default (``$BT_RAY_DATA_DIR`` file and hub dataset).
+def eval_test_sets() -> list[EvalTestSet]:
+    """The evaluation test sets, resolved as evaluation reads them by default (nothing is read).
 
     Returns:
-        One entry per set. ``synthetic`` has neither file nor hub: its eval prompts are generated
-        from the world's held-out reservations, which no training split draws from.
+        One entry per name in ``EVAL_DATASETS``, at its default (``$BT_RAY_DATA_DIR`` file and hub
+        dataset). ``synthetic`` has neither file nor hub: its eval prompts are generated from the
+        world's held-out reservations, which no training split draws from.
     """
     from bt_ray.eval.config import EVAL_DATASETS
 
     out = []
-    for name, path in datasets if datasets is not None else ((n, None) for n in EVAL_DATASETS):
+    root = os.environ.get(DATA_DIR_ENV)
+    for name in EVAL_DATASETS:
         source = _PROMPT_SOURCE_DATA.get(name)
         if source is None:
             out.append(EvalTestSet(name, f"{name} eval prompts (generated)"))
             continue
-        file, hub = None, source.hub
-        if path is None:
-            root = os.environ.get(DATA_DIR_ENV)
-            candidate = Path(root).expanduser() / source.local_file if root else None
-            if candidate is not None and candidate.is_file():
-                file = candidate.resolve()
-        else:
-            try:
-                origin = _resolve(source, path)
-            except FileNotFoundError:
-                origin = None  # evaluation would fail on it; nothing to compare
-            file, hub = (origin.resolve(), None) if isinstance(origin, Path) else (None, origin)
-        where = " or ".join(str(x) for x in (file, hub) if x is not None) or source.local_file
+        candidate = Path(root).expanduser() / source.local_file if root else None
+        file = candidate.resolve() if candidate is not None and candidate.is_file() else None
+        where = " or ".join(str(x) for x in (file, source.hub) if x is not None) or source.local_file
         canonical = (source.size, source.sha256) if source.size and source.sha256 else None
-        out.append(EvalTestSet(name, where, file, hub, canonical))
+        out.append(EvalTestSet(name, where, file, source.hub, canonical))
     return out
 
 
