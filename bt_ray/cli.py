@@ -21,7 +21,7 @@ from bt_ray.config import ConfigError
 from bt_ray.data.records import DataError
 
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
-JOB_COMMANDS = {"demo": "demo.py", "sft": "sft.py", "dpo": "dpo.py", "eval": "eval.py"}
+JOB_COMMANDS = {"demo": "demo.py", "sft": "sft.py", "dpo": "dpo.py", "eval": "eval.py", "serve": "serve.py"}
 
 
 def _source_overrides(args) -> list[str]:

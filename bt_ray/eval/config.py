@@ -32,6 +32,10 @@ class DecodeCfg:
     logit_bias clamps to, so both engines apply the same b."""
     max_resets: int | None = 1
     """Resets allowed per answer; after that the [RESET] logit is -inf. null: unlimited."""
+    reset_window: int | None = None
+    """A [RESET] is possible only within this many tokens after the start of the answer or the last
+    reset (then its logit is -inf); null: anywhere (the paper). Serving's hold mode sets it, so it
+    holds back at most this many tokens."""
 
     def __post_init__(self):
         check(self, [
@@ -41,6 +45,7 @@ class DecodeCfg:
             ("reset_bias", abs(self.reset_bias) <= 100,
              "must be in [-100, 100] (vLLM clamps logit_bias there)"),
             ("max_resets", self.max_resets is None or self.max_resets >= 0, "must be >= 0 or null"),
+            ("reset_window", self.reset_window is None or self.reset_window >= 1, "must be >= 1 or null"),
         ])
 
 

@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -123,17 +124,27 @@ def judge_stop_ids(name: str, tokenizer) -> tuple[int, ...]:
 
 
 class _StepTimer:
-    """A stopping criterion that never stops: it records when each generated token arrived."""
+    """A stopping criterion: records when each generated token arrived, ends each row at its own
+    ``max_new_tokens`` and hands every step's new ids to ``on_step``."""
 
-    def __init__(self, start: float):
+    def __init__(self, start: float, prompt_length: int, max_new_tokens: list[int],
+                 on_step: Callable[[list[int]], list[bool] | None] | None = None):
         self.start = start
+        self.prompt_length = prompt_length
+        self.max_new_tokens = max_new_tokens
+        self.on_step = on_step
         self.times: list[float] = []
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
         self.times.append(time.perf_counter() - self.start)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        ended = self.on_step(input_ids[:, -1].tolist()) if self.on_step is not None else None
+        generated = input_ids.shape[1] - self.prompt_length
+        done = [generated >= m for m in self.max_new_tokens]
+        if ended is not None:
+            done = [a or b for a, b in zip(done, ended)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class HFGenerator:
@@ -185,17 +196,30 @@ class HFGenerator:
         out: list[Generation] = []
         for i in range(0, len(prompts), self.batch_size):
             batch = slice(i, i + self.batch_size)
-            out += self._generate_batch(prompts[batch], decode, seeds[batch])
+            n = len(prompts[batch])
+            out += self.generate_batch(prompts[batch], [decode] * n, seeds[batch])
         return out
 
-    def _generate_batch(
-        self, prompts: list[list[int]], decode: DecodeCfg, seeds: list[int]
+    def generate_batch(
+        self, prompts: list[list[int]], decodes: list[DecodeCfg], seeds: list[int],
+        on_step: Callable[[list[int]], list[bool] | None] | None = None,
     ) -> list[Generation]:
+        """One ``generate`` call over ``prompts``, each row with its own decoding settings.
+
+        Rows may differ in ``max_new_tokens`` and the ``[RESET]`` knobs (bias, max_resets,
+        reset_window); they must share the sampling settings (temperature, top_p), which
+        transformers applies to the whole batch. ``on_step`` (a serving hook) is called after every
+        decoding step with the id each row just produced (a finished row's are padding, to ignore); it may
+        return one flag per row, True to end that row now (a client that went away).
+        """
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         from bt_ray.reset import ResetLogitsProcessor
 
+        decode = decodes[0]
+        if any((d.temperature, d.top_p) != (decode.temperature, decode.top_p) for d in decodes):
+            raise ValueError("rows of one generate_batch call must share temperature and top_p")
         device = self.model.device
         width = max(len(p) for p in prompts)
         # Left padding: every row's next token sits at the same position, so one KV cache serves all.
@@ -207,7 +231,9 @@ class HFGenerator:
         processors = []
         if self.reset_id is not None:
             processors.append(ResetLogitsProcessor(
-                self.reset_id, bias=decode.reset_bias, max_resets=decode.max_resets, prompt_length=width
+                self.reset_id, bias=[d.reset_bias for d in decodes],
+                max_resets=[d.max_resets for d in decodes], window=[d.reset_window for d in decodes],
+                prompt_length=width,
             ))
         sampling = decode.temperature > 0
         if sampling:
@@ -215,12 +241,13 @@ class HFGenerator:
             # seeds, so no two batches share a stream (a row's sample depends on its batch-mates;
             # vLLM seeds each request on its own).
             torch.manual_seed(int.from_bytes(hashlib.sha256(repr(seeds).encode()).digest()[:8], "little"))
-        timer = _StepTimer(time.perf_counter())
+        max_new_tokens = [d.max_new_tokens for d in decodes]
+        timer = _StepTimer(time.perf_counter(), width, max_new_tokens, on_step)
         with torch.no_grad():
             sequences_BT = self.model.generate(
                 input_ids=input_ids_BT.to(device),
                 attention_mask=attention_mask_BT.to(device),
-                max_new_tokens=decode.max_new_tokens,
+                max_new_tokens=max(max_new_tokens),
                 do_sample=sampling,
                 temperature=decode.temperature if sampling else None,
                 top_p=decode.top_p if sampling else None,
@@ -233,13 +260,71 @@ class HFGenerator:
             )
         stops = set(self.stop_ids)
         out = []
-        for row in sequences_BT[:, width:].tolist():
+        for row, limit in zip(sequences_BT[:, width:].tolist(), max_new_tokens):
+            row = row[:limit]
             end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
             out.append(Generation(ids=row[:end], token_times=timer.times[:end]))
         return out
 
 
 # ---------------------------------------------------------------- vLLM
+
+
+def vllm_sampling_params(decode: DecodeCfg, seed: int | None, reset_id: int | None, stop_ids):
+    """vLLM ``SamplingParams`` for one request: ``[RESET]`` bias as ``logit_bias``, its limits as the
+    ``extra_args`` of ``VllmResetLimitProcessor``, ids returned as they are (never detokenized).
+
+    ``reset_id`` None (a judge) sets no bias and no limit. Used by evaluation and serving alike.
+    """
+    from vllm import SamplingParams
+
+    from bt_ray.reset import vllm_sampling_extra_args
+
+    has_reset = reset_id is not None
+    return SamplingParams(
+        max_tokens=decode.max_new_tokens,
+        temperature=decode.temperature,
+        top_p=decode.top_p,
+        seed=seed if decode.temperature > 0 else None,
+        logit_bias={reset_id: decode.reset_bias} if decode.reset_bias and has_reset else None,
+        stop_token_ids=list(stop_ids),
+        skip_special_tokens=False,  # the default True would hide [RESET]
+        detokenize=False,
+        extra_args=vllm_sampling_extra_args(reset_id, decode.max_resets, decode.reset_window)
+        if has_reset else None,
+    )
+
+
+def vllm_policy(model_cfg: ModelCfg) -> tuple[str, object, int, tuple[int, ...]]:
+    """A policy for vLLM: its materialized dir, tokenizer, ``[RESET]`` id and stop ids.
+
+    Every setting of model_cfg applies to the dir (chat template, reuse_token), and the dir's recorded
+    [RESET] is checked against them: the id is the one the model was trained with. Shared by
+    ``VLLMGenerator`` and serving's ``VLLMStreamEngine``.
+    """
+    model_dir = materialize(model_cfg)
+    tokenizer, info = load_tokenizer(dataclasses.replace(model_cfg, name=str(model_dir)))
+    return str(model_dir), tokenizer, info.token_id, stop_ids_of(tokenizer)
+
+
+def vllm_engine_kwargs(model: str, engine: EngineCfg, dtype: str, reset_id: int | None) -> dict:
+    """vLLM engine arguments (``LLM(...)`` and ``AsyncEngineArgs(...)`` alike) from ``EngineCfg``.
+
+    Sets ``VLLM_CPU_OMP_THREADS_BIND`` when ``engine.vllm_omp_threads_bind`` asks for it.
+    """
+    if engine.vllm_omp_threads_bind:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine.vllm_omp_threads_bind
+    from bt_ray.reset import VllmResetLimitProcessor
+
+    return dict(
+        model=model,
+        dtype=dtype,
+        enforce_eager=True,  # on CPU the compile cache fails to load: 60-90 s per start otherwise
+        max_model_len=engine.vllm_max_model_len,
+        kv_cache_memory_bytes=engine.vllm_kv_cache_memory_bytes,
+        logits_processors=[VllmResetLimitProcessor] if reset_id is not None else None,
+        seed=0,
+    )
 
 
 class VLLMGenerator:
@@ -256,12 +341,7 @@ class VLLMGenerator:
     """
 
     def __init__(self, model_cfg: ModelCfg, engine: EngineCfg | None = None):
-        model_dir = materialize(model_cfg)
-        # Every setting of model_cfg applies to the dir (chat template, reuse_token), and the dir's
-        # recorded [RESET] is checked against them: the id is the one the model was trained with.
-        tokenizer, info = load_tokenizer(dataclasses.replace(model_cfg, name=str(model_dir)))
-        self._start(str(model_dir), tokenizer, info.token_id, stop_ids_of(tokenizer),
-                    engine or EngineCfg(), model_cfg.dtype)
+        self._start(*vllm_policy(model_cfg), engine or EngineCfg(), model_cfg.dtype)
 
     @classmethod
     def for_judge(cls, name: str, engine: EngineCfg | None = None, dtype: str = "float32") -> VLLMGenerator:
@@ -276,50 +356,22 @@ class VLLMGenerator:
     def _start(self, model: str, tokenizer, reset_id: int | None, stop_ids: tuple[int, ...],
                engine: EngineCfg, dtype: str) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if engine.vllm_omp_threads_bind:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine.vllm_omp_threads_bind
         from vllm import LLM
-
-        from bt_ray.reset import VllmResetLimitProcessor
 
         self.tokenizer = tokenizer
         self.reset_id = reset_id
         self.stop_ids = stop_ids
-        self.llm = LLM(
-            model=model,
-            dtype=dtype,
-            enforce_eager=True,  # on CPU the compile cache fails to load: 60-90 s per start otherwise
-            max_model_len=engine.vllm_max_model_len,
-            kv_cache_memory_bytes=engine.vllm_kv_cache_memory_bytes,
-            logits_processors=[VllmResetLimitProcessor] if reset_id is not None else None,
-            seed=0,
-        )
+        self.llm = LLM(**vllm_engine_kwargs(model, engine, dtype, reset_id))
         self._num_requests = 0  # request ids stay unique across generate calls, failed ones included
         self.last_step_times: list[float] = []  # seconds from the start of the last generate call
 
     def generate(
         self, prompts: list[list[int]], decode: DecodeCfg, seeds: list[int] | None = None
     ) -> list[Generation]:
-        from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        from bt_ray.reset import vllm_sampling_extra_args
-
-        has_reset = self.reset_id is not None  # a judge has no [RESET]: no bias, no limit
-        params = [
-            SamplingParams(
-                max_tokens=decode.max_new_tokens,
-                temperature=decode.temperature,
-                top_p=decode.top_p,
-                seed=seed if decode.temperature > 0 else None,
-                logit_bias={self.reset_id: decode.reset_bias} if decode.reset_bias and has_reset else None,
-                stop_token_ids=list(self.stop_ids),
-                skip_special_tokens=False,  # the default True would hide [RESET]
-                detokenize=False,
-                extra_args=vllm_sampling_extra_args(self.reset_id, decode.max_resets) if has_reset else None,
-            )
-            for seed in sampling_seeds(decode, len(prompts), seeds)
-        ]
+        params = [vllm_sampling_params(decode, seed, self.reset_id, self.stop_ids)
+                  for seed in sampling_seeds(decode, len(prompts), seeds)]
         # The engine is stepped here (what LLM.generate does inside), timing every step. vLLM's
         # scheduler gives each running request one new id per step (no speculative decoding here), so
         # a request that finished at step f with n ids got id i at step f - (n - 1) + i: each id's

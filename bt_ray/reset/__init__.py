@@ -206,6 +206,18 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
+def encode_completion_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a raw (non-chat) prompt: the tokenizer's BOS, when it adds one, then ``encode_text``.
+
+    As for chat prompts, the literal ``[RESET]`` or any other control token's text in ``text`` is
+    encoded as the ordinary characters it is made of.
+    """
+    # What the tokenizer adds in front, if it adds a BOS (Llama 3 does; GPT-2 and SmolLM2 do not).
+    added = tokenizer("", add_special_tokens=True)["input_ids"]
+    bos = [i for i in added[:1] if i == tokenizer.bos_token_id and i is not None]
+    return bos + encode_text(tokenizer, text)
+
+
 def encode_chat_prompt(
     tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool = True
 ) -> list[int]:
@@ -318,56 +330,95 @@ def split_at_reset(ids: list[int], reset_id: int) -> SplitOutput:
 
 
 class ResetLogitsProcessor:
-    """HF ``LogitsProcessor``: bias on the ``[RESET]`` logit, and no reset past ``max_resets``.
+    """HF ``LogitsProcessor``: bias on the ``[RESET]`` logit, and no reset past the row's limits.
 
     Only the generated part of each row is counted (positions from ``prompt_length`` on), so a
     prompt can never use up a row's resets. Every other logit is left untouched.
 
+    A reset is possible in a row while it has fewer than ``max_resets`` resets and, with a
+    ``window``, while fewer than ``window`` ids have been generated since the start or the last
+    reset. The window is what lets a streaming server hold back only ``window`` ids: past it, the
+    text so far can no longer be discarded (``bt_ray.reset.stream``).
+
     Args:
         reset_id: the ``[RESET]`` token id.
-        bias: added to the ``[RESET]`` logit at every step (negative values make resets rarer).
-        max_resets: resets allowed per generation; None allows any number.
+        bias: added to the ``[RESET]`` logit at every step (negative values make resets rarer); one
+            value for the batch or one per row.
+        max_resets: resets allowed per generation; None allows any number. One value or one per row.
         prompt_length: the (padded) prompt length of the batch; ids before it are not counted.
+        window: ids after the start or the last reset within which a reset is possible; None: no
+            window. One value or one per row.
     """
 
     def __init__(
-        self, reset_id: int, *, bias: float = 0.0, max_resets: int | None = 1, prompt_length: int = 0
+        self, reset_id: int, *, bias: float | list[float] = 0.0, max_resets: int | None | list = 1,
+        prompt_length: int = 0, window: int | None | list = None,
     ):
-        if max_resets is not None and max_resets < 0:
-            raise ValueError(f"max_resets must be >= 0 or None; got {max_resets!r}")
+        for name, values in (("max_resets", max_resets), ("window", window)):
+            for v in _as_list(values):
+                if v is not None and v < 0:
+                    raise ValueError(f"{name} must be >= 0 or None; got {v!r}")
         self.reset_id = reset_id
-        self.bias = float(bias)
+        self.bias = [float(b) for b in bias] if isinstance(bias, list) else float(bias)
         self.max_resets = max_resets
+        self.window = window
         self.prompt_length = prompt_length
-        # Resets per row, kept up to date from the one new id of each step (a full recount when the
-        # call is not the next step of the same generation), so a step costs O(batch), not O(length).
+        # Resets per row and ids since the last reset, kept up to date from the one new id of each
+        # step (a full recount when the call is not the next step of the same generation), so a
+        # step costs O(batch), not O(length).
         self._num_resets_B: torch.Tensor | None = None
+        self._since_reset_B: torch.Tensor | None = None
         self._seen_length = -1
 
-    def _count_resets(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _per_row(value, batch: int, none: float, device) -> torch.Tensor:
+        values = value if isinstance(value, list) else [value] * batch
+        if len(values) != batch:
+            raise ValueError(f"{len(values)} per-row values for a batch of {batch}")
+        return torch.tensor([none if v is None else float(v) for v in values], device=device)
+
+    def _count(self, input_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         length = input_ids_BT.shape[1]
-        known = self._num_resets_B
+        known, since = self._num_resets_B, self._since_reset_B
         if known is not None and length == self._seen_length + 1 and known.shape[0] == input_ids_BT.shape[0]:
-            known = known + (input_ids_BT[:, -1] == self.reset_id)
+            is_reset_B = input_ids_BT[:, -1] == self.reset_id
+            known = known + is_reset_B
+            since = torch.where(is_reset_B, torch.zeros_like(since), since + 1)
         else:
-            known = (input_ids_BT[:, self.prompt_length :] == self.reset_id).sum(dim=1)
-        self._num_resets_B, self._seen_length = known, length
-        return known
+            generated_BT = input_ids_BT[:, self.prompt_length :]
+            is_reset_BT = generated_BT == self.reset_id
+            known = is_reset_BT.sum(dim=1)
+            # ids after the last reset (all of them when there is none)
+            positions_T = torch.arange(1, generated_BT.shape[1] + 1, device=generated_BT.device)
+            last_B = (is_reset_BT * positions_T).max(dim=1).values if generated_BT.shape[1] else known
+            since = generated_BT.shape[1] - last_B
+        self._num_resets_B, self._since_reset_B, self._seen_length = known, since, length
+        return known, since
 
     def __call__(self, input_ids_BT: torch.Tensor, scores_BV: torch.Tensor) -> torch.Tensor:
         blocked_B = None
-        if self.max_resets is not None:
-            blocked_B = self._count_resets(input_ids_BT) >= self.max_resets
+        batch, device = input_ids_BT.shape[0], input_ids_BT.device
+        limits = [*_as_list(self.max_resets), *_as_list(self.window)]
+        if any(v is not None for v in limits):
+            num_resets_B, since_B = self._count(input_ids_BT)
+            blocked_B = num_resets_B >= self._per_row(self.max_resets, batch, float("inf"), device)
+            blocked_B |= since_B >= self._per_row(self.window, batch, float("inf"), device)
             if not bool(blocked_B.any()):
                 blocked_B = None
-        if not self.bias and blocked_B is None:
+        has_bias = any(_as_list(self.bias))
+        if not has_bias and blocked_B is None:
             return scores_BV  # nothing to change: no copy of the logits
         scores_BV = scores_BV.clone()
-        if self.bias:
-            scores_BV[:, self.reset_id] += self.bias
+        if has_bias:
+            bias_B = self._per_row(self.bias, batch, 0.0, scores_BV.device)
+            scores_BV[:, self.reset_id] += bias_B.to(scores_BV.dtype)
         if blocked_B is not None:
             scores_BV[blocked_B, self.reset_id] = float("-inf")
         return scores_BV
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,12 +482,16 @@ def clean_control_text(tokenizer, text: str) -> str:
     only the named ones: Llama 3 lists ``<|start_header_id|>`` or ``<|reserved_special_token_0|>``
     only as special added tokens.
     """
+    for token in control_strings(tokenizer):
+        text = text.replace(token, "")
+    return text
+
+
+def control_strings(tokenizer) -> list[str]:
+    """The literal text of every special token, longest first (what ``clean_control_text`` removes)."""
     control = set(tokenizer.all_special_tokens)
     control |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-    for token in sorted(control, key=len, reverse=True):
-        if token:
-            text = text.replace(token, "")
-    return text
+    return sorted((t for t in control if t), key=len, reverse=True)
 
 
 def shown_text(tokenizer, output: BacktrackOutput) -> str:
@@ -452,13 +507,23 @@ def raw_text(tokenizer, output: BacktrackOutput) -> str:
 # vLLM V1 keys of SamplingParams.extra_args read by the vLLM processor (bt_ray.reset.vllm).
 VLLM_RESET_ID_ARG = "bt_ray_reset_id"
 VLLM_MAX_RESETS_ARG = "bt_ray_max_resets"
+VLLM_RESET_WINDOW_ARG = "bt_ray_reset_window"
 
 
-def vllm_sampling_extra_args(reset_id: int, max_resets: int | None) -> dict | None:
-    """``SamplingParams.extra_args`` that make ``VllmResetLimitProcessor`` cap a request's resets."""
-    if max_resets is None:
+def vllm_sampling_extra_args(reset_id: int, max_resets: int | None, window: int | None = None) -> dict | None:
+    """``SamplingParams.extra_args`` that make ``VllmResetLimitProcessor`` limit a request's resets.
+
+    ``max_resets``: resets allowed (None: any number); ``window``: a reset is possible only within
+    this many ids after the start or the last reset (None: anywhere), as ``ResetLogitsProcessor``.
+    """
+    if max_resets is None and window is None:
         return None
-    return {VLLM_RESET_ID_ARG: int(reset_id), VLLM_MAX_RESETS_ARG: int(max_resets)}
+    args = {VLLM_RESET_ID_ARG: int(reset_id)}
+    if max_resets is not None:
+        args[VLLM_MAX_RESETS_ARG] = int(max_resets)
+    if window is not None:
+        args[VLLM_RESET_WINDOW_ARG] = int(window)
+    return args
 
 
 def __getattr__(name: str):
