@@ -31,3 +31,50 @@ def ray_cluster(tmp_path_factory):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster):
+    """Ray Serve's HTTP proxy on 127.0.0.1 (a free port), started once on the shared cluster."""
+    from ray import serve
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+
+
+def deploy_server(port: int, overrides: list[str] = (), *, name: str = "bt-ray-test", route_prefix: str = "/",
+                  env: dict | None = None) -> str:
+    """Deploy the bt-ray app (tiny preset, HF engine, half a CPU) under ``route_prefix``; returns its
+    OpenAI base URL once ``GET /v1/models`` answers. ``env``: variables set while the app is built (the
+    API key is read then)."""
+    import os
+
+    from ray import serve
+
+    from bt_ray import config
+    from bt_ray.serve.app import build_app
+    from bt_ray.serve.config import ServeCfg
+
+    cfg = config.load(ServeCfg, None, ["deployment.num_cpus=0.5", "decode.max_new_tokens=16",
+                                       f"http.port={port}", f"app_name={name}", *overrides])
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        app = build_app(cfg)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+    prefix = route_prefix.rstrip("/")
+    url = f"http://127.0.0.1:{port}{prefix}/v1"
+    import runpy
+
+    key = (env or {}).get(cfg.auth.api_key_env or "")
+    runpy.run_path("jobs/serve.py")["wait_ready"](url, key, timeout_s=300)
+    return url
