@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext, LogitsProcRequestState
@@ -249,20 +250,21 @@ class VllmV2ResetLimit(V2LogitsProcessor):
         return active
 
     def apply_staged_writes(self) -> None:
-        device = self._limits_3S.device
+        # Host-to-device copies as vLLM's own processors make them: staged, never waiting on the GPU.
         if self._limits_dirty:
-            self._limits_3S.copy_(torch.from_numpy(self._limits_host.copy()).to(device))
-            self._active_S.copy_(torch.from_numpy(self._active.copy()).to(device))
+            async_tensor_h2d(self._limits_host, out=self._limits_3S)
+            async_tensor_h2d(self._active, out=self._active_S)
             self._limits_dirty = False
         if not self._added:
             return
         slots = self._added
         self._added = []
+        device = self._limits_3S.device
         prompt_len = self._req.prompt_len.np[slots].astype(np.int64)
         prefill_len = self._req.prefill_len.np[slots].astype(np.int64)
-        slots_B = torch.tensor(slots, dtype=torch.long, device=device)
-        start_B = torch.from_numpy(prompt_len).to(device)
-        end_B = torch.from_numpy(prefill_len).to(device)
+        slots_B = async_tensor_h2d(slots, device, torch.long)
+        start_B = async_tensor_h2d(prompt_len, device)
+        end_B = async_tensor_h2d(prefill_len, device)
         self._num_resets_S[slots_B] = 0
         self._segment_start_S[slots_B] = start_B
         self._scanned_S[slots_B] = end_B
