@@ -114,7 +114,8 @@ def _param(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[TextPart]", "function-after", "constrained-int", "constrained-float"):
+        elif part in ("str", "list[str]", "list[TextPart]", "function-after", "constrained-int",
+                      "constrained-float"):
             continue  # union branch names pydantic puts in locations
         else:
             out += f".{part}" if out else str(part)
@@ -144,26 +145,28 @@ def parse_request(body: bytes, kind: Literal["chat", "completions"]) -> ChatRequ
 def _api_error(error: ValidationError, kind: str) -> APIError:
     known = _openai_fields(kind)
     messages, first_param = [], None
-    seen = set()
+    seen: dict[str, int] = {}  # param -> its message's index
     for err in error.errors():
         param = _param(err["loc"])
-        if param in seen:
-            continue  # one message per field (a union reports each branch)
-        seen.add(param)
         first_param = first_param or param
         if err["type"] == "extra_forbidden":
             field = str(err["loc"][-1])
             if len(err["loc"]) == 1 and field in known:
-                messages.append(f"{param}: this OpenAI parameter is not supported by this server")
+                text = "this OpenAI parameter is not supported by this server"
             else:
-                messages.append(f"{param}: unknown field")
+                text = "unknown field"
         elif err["type"] == "missing":
-            messages.append(f"{param}: required")
+            text = "required"
         else:
             got = err.get("input")
             scalar = isinstance(got, str | int | float | bool | None)
             shown = json.dumps(got)[:80] if scalar else type(got).__name__
-            messages.append(f"{param}: {err['msg']} (got {shown})")
+            text = f"{err['msg']} (got {shown})"
+        if param in seen:  # a union reports each branch: one message per field, the branches joined
+            messages[seen[param]] += f", or {text}"
+            continue
+        seen[param] = len(messages)
+        messages.append(f"{param}: {text}")
     more = f"; and {len(messages) - 5} more" if len(messages) > 5 else ""
     return APIError(400, "; ".join(messages[:5]) + more, param=first_param)
 
