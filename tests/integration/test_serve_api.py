@@ -260,6 +260,7 @@ def test_retract_sends_reset_event_and_keeps_the_answer(client, forced_reset):
     assert len(resets) == 1, events
     # the reset retracts exactly what was sent of the first attempt
     sent_before = "".join(v for _, v in events[: resets[0]])
+    assert sent_before, "retract sends text at once: some was sent before the reset"
     assert events[resets[0]][1] == len(sent_before)
     after = "".join(v for _, v in events[resets[0] + 1:])
     assert after == kept_text(events) == answer_text(forced_reset["kind"], full.choices[0])
