@@ -80,7 +80,7 @@ def start(cfg: ServeCfg) -> str:
                          f"set ${cfg.auth.api_key_env or 'BT_RAY_API_KEY'} or auth.api_key_file (or "
                          "auth.allow_open_network=true)")
     if not ray.is_initialized():
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
         ray.init(address=address, num_cpus=None if address else cfg.ray_num_cpus, log_to_driver=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
@@ -99,11 +99,18 @@ def api_key(cfg: ServeCfg) -> str | None:
     return None
 
 
-def stop(cfg: ServeCfg) -> None:
+def stop(cfg: ServeCfg, timeout_s: float = 15.0) -> None:
+    """Shut Serve down (replicas drain), then Ray; at most ``timeout_s`` for Serve.
+
+    Ctrl-C in a terminal reaches Ray's own local processes too (one process group), so Serve's
+    controller may already be gone; ``serve.shutdown`` would then wait long for it.
+    """
     import ray
     from ray import serve
 
-    serve.shutdown()
+    waiter = threading.Thread(target=serve.shutdown, daemon=True)
+    waiter.start()
+    waiter.join(timeout_s)
     ray.shutdown()
 
 
@@ -115,12 +122,12 @@ def main(cfg: ServeCfg) -> None:
           f"(ready in {time.perf_counter() - t0:.0f} s)")
     print(f"   curl {url}/chat/completions -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}'")
-    print("   Ctrl-C stops it.")
+    print("   Ctrl-C stops it.", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
-    print("== shutting down Serve")
+    print("== shutting down Serve", flush=True)
     stop(cfg)
 
 
