@@ -44,6 +44,7 @@ class VLLMStreamEngine:
         model, self.tokenizer, self.reset_id, self.stop_ids = vllm_policy(model_cfg)
         kwargs = vllm_engine_kwargs(model, engine or EngineCfg(), model_cfg.dtype, self.reset_id)
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
+        self.max_context = (engine or EngineCfg()).vllm_max_model_len
         # Request ids are unique per engine and across engines (a replica restarted, several replicas).
         self._prefix = f"bt-serve-{uuid.uuid4().hex[:8]}"
         self._counter = itertools.count()
@@ -90,6 +91,10 @@ class VLLMStreamEngine:
                 # id in case the request was added before the generator got to hold it.
                 await outputs.aclose()
                 await llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        """Raises when vLLM's engine core is dead (Serve's health check then replaces the replica)."""
+        await self.llm.check_health()
 
     def num_unfinished_requests(self) -> int:
         """Requests vLLM is still generating (0 when idle; aborted ones are gone)."""
