@@ -275,8 +275,8 @@ def check_bounds(req: Any, limits) -> None:
                        param=field)
     num_prompts = len(req.prompts()) if isinstance(req, CompletionRequest) else 1
     if req.n * num_prompts > limits.max_n:
-        what = "n" if num_prompts == 1 else "n times the number of prompts"
-        raise APIError(400, f"n: {what} must be <= {limits.max_n} on this server (got {req.n * num_prompts})",
+        what = "must be" if num_prompts == 1 else "times the number of prompts must be"
+        raise APIError(400, f"n: {what} <= {limits.max_n} on this server (got {req.n * num_prompts})",
                        param="n")
     if isinstance(req, ChatRequest) and len(req.messages) > limits.max_messages:
         raise APIError(400, f"messages: at most {limits.max_messages} messages on this server "
