@@ -105,6 +105,10 @@ class HFStreamEngine:
     async def stream(self, request: GenRequest) -> AsyncIterator[list[int]]:
         job = _Job(request, asyncio.Queue(), asyncio.get_running_loop(), stop_ids=frozenset(self.stop_ids))
         task = asyncio.ensure_future(self._batched(job))
+        # A failure before the batch runs (serve.batch itself raising) never reaches the queue: forward
+        # it, or this stream would wait forever.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None
+                               or job.queue.put_nowait(t.exception()))
         try:
             while True:
                 item = await job.queue.get()
