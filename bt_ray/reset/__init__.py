@@ -285,6 +285,28 @@ def encode_chat_prompt(
     return ids
 
 
+def chat_prompt_parts(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int], list[int]]:
+    """``encode_chat_prompt`` split around the last message's content: ``(before, content, after)``.
+
+    ``before + content + after == encode_chat_prompt(tokenizer, messages)``. Attacks that edit the
+    user turn at the token level (a GCG suffix goes right after ``content``) build on it, so the
+    template's own tokens and the safe encoding of the content are exactly those of a chat request.
+    """
+    sentinel = "\x00BTRAYPART\x00"
+    *history, last = messages
+    full = encode_chat_prompt(tokenizer, messages)
+    # the same conversation with a sentinel as the last content: the template's ids on either side
+    probe = encode_chat_prompt(tokenizer, [*history, {**last, "content": sentinel}])
+    sentinel_ids = encode_text(tokenizer, sentinel)
+    for start in range(len(probe) - len(sentinel_ids) + 1):
+        if probe[start : start + len(sentinel_ids)] == sentinel_ids:
+            before, after = probe[:start], probe[start + len(sentinel_ids) :]
+            if full[: len(before)] == before and full[len(full) - len(after) :] == after:
+                return before, full[len(before) : len(full) - len(after)], after
+            break
+    raise ValueError("cannot split this chat template's prompt around the last message's content")
+
+
 def _encode_template_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
@@ -336,6 +358,7 @@ __all__ = [  # this module, decode.py, and vllm.py's processor (lazily)
     "VllmResetLimitProcessor",
     "add_reset_token",
     "backtrack_output",
+    "chat_prompt_parts",
     "clean_control_text",
     "control_strings",
     "encode_chat_prompt",
