@@ -88,6 +88,11 @@ class HFStreamEngine:
         generator: a loaded ``HFGenerator`` (policy with ``[RESET]``).
         max_batch_size: requests per ``generate`` call at most.
         batch_wait_timeout_s: how long the first request of a batch waits for others.
+
+    serve.batch forms the next batch every ``batch_wait_timeout_s`` even while a ``generate`` runs (the
+    batches then queue), so under load it would run many small batches (3 rows on average at 16 clients). A
+    request that arrives while a batch generates waits for it to end and then joins the next batch
+    with the others that waited.
     """
 
     def __init__(self, generator, *, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01):
@@ -101,9 +106,12 @@ class HFStreamEngine:
         self._batched = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)(
             self._run_batch
         )
+        self._idle = asyncio.Event()  # set while no batch generates
+        self._idle.set()
 
     async def stream(self, request: GenRequest) -> AsyncIterator[list[int]]:
         job = _Job(request, asyncio.Queue(), asyncio.get_running_loop(), stop_ids=frozenset(self.stop_ids))
+        await self._idle.wait()
         task = asyncio.ensure_future(self._batched(job))
         # A failure before the batch runs (serve.batch itself raising) never reaches the queue: forward
         # it, or this stream would wait forever.
@@ -123,16 +131,20 @@ class HFStreamEngine:
 
     async def _run_batch(self, jobs: list[_Job]) -> list[None]:
         key = lambda j: (j.request.decode.temperature, j.request.decode.top_p)  # noqa: E731
-        for _, group in itertools.groupby(sorted(jobs, key=key), key=key):
-            group = list(group)
-            try:
-                await asyncio.to_thread(self._generate, group)
-            except BaseException as e:  # every waiting client hears of it; the replica lives on
+        self._idle.clear()
+        try:
+            for _, group in itertools.groupby(sorted(jobs, key=key), key=key):
+                group = list(group)
+                try:
+                    await asyncio.to_thread(self._generate, group)
+                except BaseException as e:  # every waiting client hears of it; the replica lives on
+                    for job in group:
+                        job.put(e)
+                    continue
                 for job in group:
-                    job.put(e)
-                continue
-            for job in group:
-                job.put(_DONE)
+                    job.put(_DONE)
+        finally:
+            self._idle.set()
         return [None] * len(jobs)
 
     def _generate(self, jobs: list[_Job]) -> None:
