@@ -68,6 +68,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/eval_throughput.py
+	$(PY) benchmarks/serve_load.py
 
 # Pin what is installed now (run after changing dependencies and passing make test).
 lock: $(STAMP)
