@@ -21,7 +21,7 @@ import pytest
 
 from tests.integration.conftest import deploy_server
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration  # 28-63 s on the 2-core machine (2 replicas, one replaced)
 
 CONCURRENCY = 8
 LOAD_REQUESTS = 64
