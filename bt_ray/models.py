@@ -109,6 +109,33 @@ class ModelCfg:
         ])
 
 
+def model_label(name: str) -> str:
+    """A model's name in tables, runs and the API: its directory's name, the parent's for a dir named
+    ``model`` (training writes ``<run>/model``), a preset's or hub id's name as it is."""
+    path = Path(name)
+    return path.parent.name if path.name == "model" and path.parent.name else (path.name or name)
+
+
+def model_labels(models, labels=()) -> list[str]:
+    """Labels of ``models`` (``labels`` when given); checks that local model paths exist.
+
+    Raises:
+        ValueError: a path that is not a preset, an existing directory or a hub id ``owner/name``; or
+            two models with the same label.
+    """
+    for i, name in enumerate(models):
+        local = name.startswith(("/", "./", "../", "~")) or Path(name).is_absolute()
+        if name not in PRESETS and not Path(name).expanduser().is_dir() and (local or name.count("/") != 1):
+            raise ValueError(f"models[{i}] must be a preset ({', '.join(PRESETS)}), an HF directory or a hub "
+                             f"id owner/name; got {name!r} (no such directory)")
+    if labels:
+        return list(labels)
+    out = [model_label(m) for m in models]
+    if len(set(out)) != len(out):
+        raise ValueError(f"models have clashing names {out}; set labels to name them")
+    return out
+
+
 def cache_dir(cfg: ModelCfg) -> Path:
     return Path(cfg.cache_dir or os.environ.get("BT_RAY_CACHE") or Path.home() / ".cache" / "bt-ray")
 

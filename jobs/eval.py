@@ -39,7 +39,7 @@ from bt_ray.eval.report import (
     side_by_side,
     sweep_point,
 )
-from bt_ray.models import PRESETS
+from bt_ray.models import model_labels
 
 
 def parse_args(argv=None) -> EvalCfg:
@@ -47,18 +47,8 @@ def parse_args(argv=None) -> EvalCfg:
 
 
 def labels_of(cfg: EvalCfg) -> list[str]:
-    """Model names for tables and runs; also checks that local model paths exist (before Ray starts)."""
-    for i, name in enumerate(cfg.models):
-        local = name.startswith(("/", "./", "../", "~")) or Path(name).is_absolute()
-        if name not in PRESETS and not Path(name).expanduser().is_dir() and (local or name.count("/") != 1):
-            raise ValueError(f"models[{i}] must be a preset ({', '.join(PRESETS)}), an HF directory or a hub "
-                             f"id owner/name; got {name!r} (no such directory)")
-    if cfg.labels:
-        return list(cfg.labels)
-    labels = [Path(m).name or m for m in cfg.models]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"models have clashing directory names {labels}; set labels to name them")
-    return labels
+    """Model names for tables and runs; also checks local model paths exist (before Ray starts)."""
+    return model_labels(cfg.models, cfg.labels)
 
 
 def evaluate_one(cfg: EvalCfg, name: str, out: Path, items: list[dict]) -> tuple[dict, list[dict]]:

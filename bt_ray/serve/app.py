@@ -48,10 +48,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 def served_model_name(cfg: ServeCfg) -> str:
     """The model id clients send: ``served_model_name``, else the model dir's name (its parent's for a
     dir named ``model``, as training writes ``<run>/model``)."""
-    if cfg.served_model_name:
-        return cfg.served_model_name
-    path = Path(cfg.model.name)
-    return path.parent.name if path.name == "model" and path.parent.name else path.name
+    from bt_ray.models import model_label
+
+    return cfg.served_model_name or model_label(cfg.model.name)
 
 
 def api_key_sha256(auth: AuthCfg) -> str | None:
