@@ -394,6 +394,24 @@ def eval_prompts(cfg: SyntheticWorldCfg) -> tuple[list[PromptExample], LoadRepor
     return out, LoadReport("synthetic", f"seed={cfg.seed} split=eval clusters={clusters}", len(out), len(out))
 
 
+def harmful_answer(cfg: SyntheticWorldCfg, prompt: PromptExample) -> str:
+    """A harmful compliant answer to a harmful eval prompt, the same on every call and in every process
+    (the attacks' target: its start is what prefilling places and what GCG steers towards).
+
+    Drawn like the base model's compliance (``_comply``) for the prompt's task, from a stream keyed on
+    the world's seed and the prompt's text, so the judge flags it as soon as its first ingredient shows.
+
+    Raises:
+        ValueError: ``prompt`` is not a harmful prompt of this world (no known harmful ``meta["item"]``).
+    """
+    task = prompt.meta.get("item")
+    if task not in TASKS or not TASKS[task].harmful:
+        raise ValueError(f"{prompt.location}: not a harmful synthetic prompt (meta.item={task!r}); only "
+                         "harmful tasks have a harmful compliant answer")
+    rng = _rng(cfg, "harmful-answer:" + "\x00".join(prompt.turns))
+    return _comply(rng, cfg, TASKS[task], task)
+
+
 # ---------------------------------------------------------------- the exact judge
 
 
