@@ -24,7 +24,7 @@ results are keyed the same way on every run over the same data.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from bt_ray.attacks.core import Behaviour
@@ -53,8 +53,6 @@ class BehaviourCfg:
     a file whose name names no split."""
     limit: int | None = None
     """Behaviours used at most, the first ones in file order; null: all."""
-    synthetic: SyntheticWorldCfg = field(default_factory=SyntheticWorldCfg)
-    """The synthetic world (dataset synthetic only); use the one the attacked models were trained in."""
 
     def __post_init__(self):
         check(self, [
@@ -63,7 +61,9 @@ class BehaviourCfg:
              "prompt sets have none, and a CSV with goal,target columns reads as advbench with path)"),
             ("path", self.path is None or (self.dataset != "synthetic" and self.path.strip() != ""),
              "must be null for dataset synthetic (the world is generated) and not empty otherwise"),
-            ("split", self.split in ("train", "test", None), "must be train, test or null"),
+            ("split", self.split in ("train", "test", None)
+             and (self.dataset == "hh-rlhf" or self.split == "test"),
+             "must be train, test or null, and is for dataset hh-rlhf only (leave it at test otherwise)"),
             ("limit", self.limit is None or self.limit >= 1, "must be >= 1 or null"),
         ])
 
@@ -73,15 +73,15 @@ def load_behaviours(cfg: BehaviourCfg, synthetic_cfg: SyntheticWorldCfg | None =
 
     Args:
         cfg: which dataset, where, how many.
-        synthetic_cfg: the world config to use instead of ``cfg.synthetic`` (a job that shares one
-            world config between training, eval and attacks passes it here).
+        synthetic_cfg: the synthetic world (dataset synthetic; None: the default world). The job's one
+            world config, the one the attacked models were trained in, so it is not repeated here.
 
     Raises:
         DataError: a row with an empty goal or target, or otherwise malformed (names file and line).
         FileNotFoundError: the data cannot be found.
     """
     if cfg.dataset == "synthetic":
-        behaviours, report = _synthetic(synthetic_cfg or cfg.synthetic, cfg.limit)
+        behaviours, report = _synthetic(synthetic_cfg or SyntheticWorldCfg(), cfg.limit)
     elif cfg.dataset == "hh-rlhf":
         behaviours, report = _hh_rlhf(cfg)
     else:

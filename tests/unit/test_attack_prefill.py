@@ -171,7 +171,7 @@ def test_hh_rlhf_behaviours_are_one_turn_dialogues_with_the_rejected_answer(tmp_
 
 def test_synthetic_behaviours_are_harmful_eval_prompts_with_deterministic_unsafe_targets():
     world = SyntheticWorldCfg(num_eval_prompts=40)
-    behaviours = load_behaviours(BehaviourCfg(dataset="synthetic", synthetic=world))
+    behaviours = load_behaviours(BehaviourCfg(dataset="synthetic"), world)
     prompts, _ = eval_prompts(world)
     harmful = {f"synthetic:{i}": p for i, p in enumerate(prompts) if p.harmful}
     assert [b.id for b in behaviours] == list(harmful) and len(behaviours) == 20
@@ -180,9 +180,9 @@ def test_synthetic_behaviours_are_harmful_eval_prompts_with_deterministic_unsafe
         assert b.goal == p.turns[-1] and b.cluster == p.meta["cluster"] and b.location == p.location
         assert p.meta["item"] in b.target and judge(b.goal, b.target).unsafe
     assert load_behaviours(BehaviourCfg(dataset="synthetic"), synthetic_cfg=world) == behaviours
-    assert load_behaviours(BehaviourCfg(dataset="synthetic", synthetic=world, limit=3)) == behaviours[:3]
+    assert load_behaviours(BehaviourCfg(dataset="synthetic", limit=3), world) == behaviours[:3]
     reseeded = dataclasses.replace(world, seed=1)
-    other_seed = load_behaviours(BehaviourCfg(dataset="synthetic", synthetic=reseeded))
+    other_seed = load_behaviours(BehaviourCfg(dataset="synthetic"), reseeded)
     assert [b.target for b in other_seed] != [b.target for b in behaviours]
     # the same targets in a fresh process (string-seeded streams do not depend on PYTHONHASHSEED)
     code = ("from bt_ray.data.synthetic import SyntheticWorldCfg, eval_prompts, harmful_answer\n"
@@ -218,5 +218,7 @@ def test_bad_behaviour_configs_are_errors_naming_the_field():
     msg = str(e.value)
     assert "dataset must be one of advbench, hh-rlhf, synthetic" in msg and "limit must be" in msg
     assert "split must be" in msg
+    with pytest.raises(ConfigError, match="split must be .* for dataset hh-rlhf only"):
+        BehaviourCfg(dataset="advbench", split="train")
     with pytest.raises(ConfigError, match="path must be null for dataset synthetic"):
         BehaviourCfg(dataset="synthetic", path="x.csv")
