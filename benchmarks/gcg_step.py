@@ -13,10 +13,11 @@ Lines printed (goals from issue 10):
     candidate scoring), backward (the gradient pass's backward) and candidate sampling/filtering;
   * the time of one nanoGCG step; ``ratio gcg-step-time nanogcg/ours`` (goal >= 1.0: not slower);
   * the best loss each reaches after the same steps, per seed and averaged (goal: ours no higher).
-Both get the same prompt ids (checked and printed), the same "! ! ... !" start, the same suffix tokens
-(ours: the policy's allowed ids whose text is printable ASCII; nanoGCG's ``not_allowed_ids`` is set to
-all the others, since its own list covers ``tokenizer.vocab_size`` only and would let it pick
-[RESET]), width, top-k, one swap per candidate, batch size, retokenization filter and steps.
+Both get the same prompt ids (checked and printed; see ``nanogcg_tokenizer``), the same "! ! ... !"
+start, the same suffix tokens (ours: the policy's allowed ids whose text is printable ASCII;
+nanoGCG's ``not_allowed_ids`` is set to all the others, since its own list covers
+``tokenizer.vocab_size`` only and would let it pick [RESET]), width, top-k, one swap per candidate,
+batch size, retokenization filter and steps.
 nanoGCG runs without its prefix cache, which indexes the old tuple KV cache (STACK.md); ours uses one.
 Both draw candidates from the same random stream (torch's, seeded with ``seed``), so with the same
 settings they pick the same suffix every step: the per-seed line prints how far the losses after
@@ -30,6 +31,7 @@ import argparse
 import importlib.util
 import logging
 import statistics
+from copy import deepcopy
 
 import torch
 
@@ -66,6 +68,20 @@ def run_ours(policy: Policy, cfg: GCGCfg) -> tuple[float, list[float], dict]:
             {k: v / steps for k, v in attack.last_timing.items()})
 
 
+def nanogcg_tokenizer(tokenizer):
+    """The tokenizer to hand nanoGCG: this one, or a copy without a BOS token when the BOS text also
+    marks turns (SmolLM2's BOS is ``<|im_start|>``): nanoGCG deletes every occurrence of the BOS text
+    from the rendered template, turn markers included. Tokenizers that add no BOS lose nothing."""
+    template = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                             add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if not bos or template.count(bos) <= 1 or tokenizer("")["input_ids"]:
+        return tokenizer
+    copy = deepcopy(tokenizer)
+    copy.bos_token = None
+    return copy
+
+
 def run_nanogcg(policy: Policy, cfg: GCGCfg, not_allowed: torch.Tensor) -> tuple[float, list[float]]:
     """(seconds per step, the loss after each step) of nanoGCG with the same settings."""
     import time
@@ -81,7 +97,7 @@ def run_nanogcg(policy: Policy, cfg: GCGCfg, not_allowed: torch.Tensor) -> tuple
         search_width=cfg.search_width, batch_size=cfg.batch_size, topk=cfg.topk, n_replace=cfg.n_replace,
         use_prefix_cache=False, filter_ids=cfg.filter_retokenization, allow_non_ascii=cfg.allow_non_ascii,
         seed=cfg.seed, verbosity="ERROR")
-    gcg = GCG(policy.model, policy.tokenizer, config)
+    gcg = GCG(policy.model, nanogcg_tokenizer(policy.tokenizer), config)
     gcg.not_allowed_ids = not_allowed
     start = time.perf_counter()
     result = gcg.run(BEHAVIOUR.goal, BEHAVIOUR.target)
@@ -117,7 +133,7 @@ def main() -> None:
 
     messages = [{"role": "user", "content": BEHAVIOUR.goal}]
     before, content, after = chat_prompt_parts(policy.tokenizer, messages)
-    nano_before, nano_after = nanogcg_prompt_ids(policy.tokenizer, BEHAVIOUR.goal)
+    nano_before, nano_after = nanogcg_prompt_ids(nanogcg_tokenizer(policy.tokenizer), BEHAVIOUR.goal)
     same = nano_before == before + content and nano_after == after
     suffix = initial_suffix(policy.tokenizer, base, vocab)
     print(f"model {args.model} ({sum(p.numel() for p in policy.model.parameters()) / 1e6:.1f}M params, "

@@ -135,11 +135,15 @@ class _Objective:
                  use_cache: bool, reset_weight: float = 0.0):
         self.model = policy.model
         self.device = self.model.device
-        self.embeddings_VD = self.model.get_input_embeddings().weight
+        # lookups go through the module (some scale their output); the one-hot gradient uses its matrix
+        self.embed = self.model.get_input_embeddings()
+        self.embeddings_VD = self.embed.weight
         as_tensor = lambda ids: torch.tensor(ids, dtype=torch.long, device=self.device)  # noqa: E731
         self.prefix, self.after, self.target = as_tensor(prefix), as_tensor(after), as_tensor(target)
         self.reset_id = policy.reset_id
-        self.reset_bias = float(getattr(policy.decode, "reset_bias", 0.0) or 0.0)
+        bias = float(getattr(policy.decode, "reset_bias", 0.0) or 0.0)
+        self.reset_bias_V = torch.zeros(self.embeddings_VD.shape[0], device=self.device)
+        self.reset_bias_V[self.reset_id] = bias  # p([RESET]) as the decoder sees it
         self.reset_weight = reset_weight
         self.reset_points: list[torch.Tensor] = []
         self.kv = None
@@ -157,7 +161,7 @@ class _Objective:
         """Logits (float32) of the last ``keep`` positions of ``prefix + embeds`` for every row."""
         rows = embeds_BTD.shape[0]
         if self.kv is None:
-            prefix_BPD = self.embeddings_VD[self.prefix].expand(rows, -1, -1)
+            prefix_BPD = self.embed(self.prefix).expand(rows, -1, -1)
             out = self.model(inputs_embeds=torch.cat([prefix_BPD, embeds_BTD], dim=1), logits_to_keep=keep,
                              use_cache=False)
         else:
@@ -172,7 +176,7 @@ class _Objective:
     def _terms(self, suffix_BLD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row (target cross-entropy, total loss) of suffix embeddings; forward passes only."""
         rows = suffix_BLD.shape[0]
-        fixed = lambda ids: self.embeddings_VD[ids].expand(rows, -1, -1)  # noqa: E731
+        fixed = lambda ids: self.embed(ids).expand(rows, -1, -1)  # noqa: E731
         after_BTD = fixed(self.after)
         n = len(self.target)
         logits_BTV = self._run(torch.cat([suffix_BLD, after_BTD, fixed(self.target)], dim=1), n + 1)[:, :-1]
@@ -183,8 +187,8 @@ class _Objective:
         for g in self.reset_points:
             parts = [suffix_BLD, after_BTD] + ([fixed(g)] if len(g) else [])
             z_BV = self._run(torch.cat(parts, dim=1), 1)[:, -1]
-            z_BV[:, self.reset_id] += self.reset_bias  # p([RESET]) as the decoder sees it
-            total_B = total_B + self.reset_weight * torch.log_softmax(z_BV, dim=-1)[:, self.reset_id]
+            log_p_B = torch.log_softmax(z_BV + self.reset_bias_V[: z_BV.shape[-1]], dim=-1)[:, self.reset_id]
+            total_B = total_B + self.reset_weight * log_p_B
         return target_B, total_B
 
     def sequences(self) -> int:
@@ -194,11 +198,12 @@ class _Objective:
     def gradient(self, suffix_L: torch.Tensor, timing: dict) -> tuple[float, float, torch.Tensor]:
         """(total loss, target loss, d loss / d one-hot suffix) of one suffix; the gradient is (L, V)."""
         start = time.perf_counter()
-        embeds_1LD = self.embeddings_VD[suffix_L][None].detach().clone().requires_grad_(True)
+        embeds_1LD = self.embed(suffix_L[None]).detach().requires_grad_(True)
         target_1, total_1 = self._terms(embeds_1LD)
         _sync(self.device)
         middle = time.perf_counter()
         (grad_1LD,) = torch.autograd.grad(total_1.sum(), [embeds_1LD])
+        # d loss / d one-hot = dL/d(embedding) @ E^T (times the module's scale, if any: same top-k)
         grad_LV = (grad_1LD[0] @ self.embeddings_VD.detach().T).float()
         _sync(self.device)
         timing["gradient_forward_s"] += middle - start
@@ -215,7 +220,7 @@ class _Objective:
             if i and stop():
                 break
             target[i : i + batch_size], total[i : i + batch_size] = self._terms(
-                self.embeddings_VD[candidates_BL[i : i + batch_size]])
+                self.embed(candidates_BL[i : i + batch_size]))
         return total, target
 
 
