@@ -150,6 +150,46 @@ def test_a_failing_add_request_leaves_no_request_behind(engines):
     assert [g.ids for g in vllm.generate(prompts[:2], decode)] == want
 
 
+def _reset_gaps(ids: list[int], reset_id: int) -> list[int]:
+    """For each [RESET] in ids: how many ids came after the start or the previous reset."""
+    gaps, since = [], 0
+    for t in ids:
+        if t == reset_id:
+            gaps.append(since)
+            since = 0
+        else:
+            since += 1
+    return gaps
+
+
+def test_reset_window_blocks_late_resets_alike_on_vllm_and_hf(engines):
+    """``reset_window=3``: no [RESET] 3 or more ids after the start or the last reset, on vLLM as on HF.
+
+    A large bias resets at every id (a reset is always possible right after one), so the window
+    never binds; at a bias where the tiny model resets now and then it does, and both engines must
+    then pick the same greedy ids.
+    """
+    hf, vllm = engines
+    prompts = _prompts(hf.tokenizer)
+    large = DecodeCfg(max_new_tokens=8, reset_bias=100.0, max_resets=None, reset_window=3)
+    for engine in (hf, vllm):
+        assert [g.ids for g in engine.generate(prompts, large)] == [[engine.reset_id] * 8] * len(prompts)
+
+    free = DecodeCfg(max_new_tokens=32, reset_bias=0.8, max_resets=None)
+    windowed = DecodeCfg(max_new_tokens=32, reset_bias=0.8, max_resets=None, reset_window=3)
+    late = [max(_reset_gaps(g.ids, vllm.reset_id), default=0) for g in vllm.generate(prompts, free)]
+    assert sum(gap >= 3 for gap in late) >= 2, late  # without the window, resets come late
+    outputs = {}
+    for name, engine in (("hf", hf), ("vllm", vllm)):
+        outputs[name] = [g.ids for g in engine.generate(prompts, windowed)]
+        gaps = [_reset_gaps(ids, engine.reset_id) for ids in outputs[name]]
+        assert all(gap < 3 for row in gaps for gap in row), (name, gaps)
+        assert any(gaps), name  # resets still happen inside the window
+    assert outputs["hf"] == outputs["vllm"]
+
+
+# Keep the judge test last: a second in-process vLLM engine, once collected, tears down vLLM's global
+# parallel state, and the module's `engines` vLLM could not step after it.
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory):
     """A tiny random Llama with a Llama-3-style tokenizer and its own generation config: a judge dir."""
@@ -192,41 +232,3 @@ def test_llama_guard_judge_on_vllm_is_the_dir_as_is(judge_dir, monkeypatch, tmp_
     hf = build_safety_judge(cfg, engine=EngineCfg(kind="hf")).judge(items)
     assert [v.raw for v in verdicts] == [v.raw for v in hf]
     del judge, generator
-
-
-def _reset_gaps(ids: list[int], reset_id: int) -> list[int]:
-    """For each [RESET] in ids: how many ids came after the start or the previous reset."""
-    gaps, since = [], 0
-    for t in ids:
-        if t == reset_id:
-            gaps.append(since)
-            since = 0
-        else:
-            since += 1
-    return gaps
-
-
-def test_reset_window_blocks_late_resets_alike_on_vllm_and_hf(engines):
-    """``reset_window=3``: no [RESET] 3 or more ids after the start or the last reset, on vLLM as on HF.
-
-    A large bias resets at every id (a reset is always possible right after one), so the window
-    never binds; at a bias where the tiny model resets now and then it does, and both engines must
-    then pick the same greedy ids.
-    """
-    hf, vllm = engines
-    prompts = _prompts(hf.tokenizer)
-    large = DecodeCfg(max_new_tokens=8, reset_bias=100.0, max_resets=None, reset_window=3)
-    for engine in (hf, vllm):
-        assert [g.ids for g in engine.generate(prompts, large)] == [[engine.reset_id] * 8] * len(prompts)
-
-    free = DecodeCfg(max_new_tokens=32, reset_bias=0.8, max_resets=None)
-    windowed = DecodeCfg(max_new_tokens=32, reset_bias=0.8, max_resets=None, reset_window=3)
-    late = [max(_reset_gaps(g.ids, vllm.reset_id), default=0) for g in vllm.generate(prompts, free)]
-    assert sum(gap >= 3 for gap in late) >= 2, late  # without the window, resets come late
-    outputs = {}
-    for name, engine in (("hf", hf), ("vllm", vllm)):
-        outputs[name] = [g.ids for g in engine.generate(prompts, windowed)]
-        gaps = [_reset_gaps(ids, engine.reset_id) for ids in outputs[name]]
-        assert all(gap < 3 for row in gaps for gap in row), (name, gaps)
-        assert any(gaps), name  # resets still happen inside the window
-    assert outputs["hf"] == outputs["vllm"]
