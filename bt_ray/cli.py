@@ -21,7 +21,10 @@ from bt_ray.config import ConfigError
 from bt_ray.data.records import DataError
 
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
-JOB_COMMANDS = {"demo": "demo.py", "sft": "sft.py", "dpo": "dpo.py", "eval": "eval.py", "serve": "serve.py"}
+JOB_COMMANDS = {
+    "demo": "demo.py", "sft": "sft.py", "dpo": "dpo.py", "eval": "eval.py", "serve": "serve.py",
+    "attack": "attack.py",
+}
 
 
 def _source_overrides(args) -> list[str]:

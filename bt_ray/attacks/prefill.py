@@ -26,9 +26,10 @@ from bt_ray.reset import encode_chat_prompt, encode_text
 class PrefillCfg:
     """How much of the target the assistant turn is prefilled with."""
 
-    ks: tuple[int, ...] = (0, 5, 10, 20, 40)
+    ks: tuple[int, ...] = (0, 2, 4, 8)
     """Target tokens prefilled, one attempt each (0: the plain request); each at most every target's
-    length in the attacked model's tokens."""
+    length in the attacked model's tokens (AdvBench's shortest target is 9 tokens with GPT-2's BPE;
+    the synthetic demo world's 31, so attack_demo.yaml goes up to 20)."""
 
     def __post_init__(self):
         check(self, [
