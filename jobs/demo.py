@@ -180,8 +180,9 @@ def serve_stage(cfg: DemoCfg, model_dir: str) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve_cfg = config.load(ServeCfg, cfg.serve_config, [f"model.name={model_dir}", f"http.port={port}",
-                                                          "http.host=127.0.0.1"])
+    serve_cfg = config.load(ServeCfg, cfg.serve_config, [
+        f"model.name={model_dir}", f"http.port={port}", "http.host=127.0.0.1", "deployment.log_level=WARNING",
+    ])
     t0 = time.perf_counter()
     url = serve_job["start"](serve_cfg)
     items, _ = eval_prompts(cfg.synthetic)

@@ -359,6 +359,7 @@ def build_app(cfg: ServeCfg):
         max_ongoing_requests=d.max_ongoing_requests,
         health_check_period_s=d.health_check_period_s,
         health_check_timeout_s=d.health_check_timeout_s,
+        logging_config={"log_level": d.log_level},
     )
     if d.autoscaling.enabled:
         a = d.autoscaling

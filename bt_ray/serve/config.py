@@ -163,6 +163,8 @@ class DeploymentCfg:
     """How often Serve checks a replica (a dead one is replaced)."""
     health_check_timeout_s: float = 30.0
     """A replica that does not answer its health check within this is restarted."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Replica log level; INFO logs every request (Serve's access log), WARNING keeps a terminal quiet."""
 
     def __post_init__(self):
         check(self, [

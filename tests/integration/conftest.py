@@ -62,6 +62,7 @@ def deploy_server(port: int, overrides: list[str] = (), *, name: str = "bt-ray-t
     from bt_ray.serve.config import ServeCfg
 
     cfg = config.load(ServeCfg, None, ["deployment.num_cpus=0.5", "decode.max_new_tokens=16",
+                                       "deployment.log_level=WARNING",  # no access log per request
                                        f"http.port={port}", f"app_name={name}", *overrides])
     saved = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
