@@ -166,9 +166,11 @@ def main() -> None:
     print(f"nanoGCG: one GCG step {min(nano_times):.3f} s")
     print(f"ratio gcg-step-time nanogcg/ours: {min(nano_times) / step:.2f} (goal >= 1.0)")
     ours_mean, nano_mean = statistics.mean(ours_losses), statistics.mean(nano_losses)
+    verdict = ("yes" if ours_mean < nano_mean - 1e-4 else "yes, equal within 1e-4"
+               if ours_mean <= nano_mean + 1e-4 else "NO")
     print(f"loss after {args.steps} steps (mean of {args.seeds} seeds): ours {ours_mean:.4f}, nanoGCG "
-          f"{nano_mean:.4f} (goal: ours no higher: {'yes' if ours_mean <= nano_mean else 'NO'}); ratio "
-          f"loss nanogcg/ours: {nano_mean / ours_mean:.3f}")
+          f"{nano_mean:.4f} (goal: ours no higher: {verdict}); ratio loss nanogcg/ours: "
+          f"{nano_mean / ours_mean:.3f}")
 
 
 if __name__ == "__main__":
