@@ -25,7 +25,7 @@ from bt_ray import config, tracking
 from bt_ray.attacks.behaviours import load_behaviours
 from bt_ray.attacks.config import AttackJobCfg
 from bt_ray.attacks.prefill import check_prefill
-from bt_ray.attacks.report import flat_metrics, prefill_curve, summarize, table2
+from bt_ray.attacks.report import flat_metrics, paired, paired_table, prefill_curve, summarize, table2
 from bt_ray.attacks.runner import ResultStore, run_attack
 from bt_ray.models import model_labels
 
@@ -107,13 +107,22 @@ def main(cfg: AttackJobCfg) -> dict:
     order = [label for pair in cfg.compare for label in pair] or list(every)
     order += [label for label in every if label not in order]
     table = table2(every, order)
+    diffs = {}  # the compare pairs, paired on the behaviours both models were attacked on
+    for a, b in cfg.compare:
+        for done in sorted(every.get(a, {}).keys() & every.get(b, {}).keys()):
+            rows_a, rows_b = (ResultStore(run_dir / x / done / "results.jsonl").rows() for x in (a, b))
+            diffs.setdefault((a, b), {})[done] = paired(rows_a, rows_b)
+    if diffs:
+        table += "\nPaired differences (same behaviours, same attack):\n\n" + paired_table(diffs)
     (run_dir / "table2.md").write_text(table)
     curve = prefill_curve(every, run_dir / "prefill_curve.png")
     print(table)
     summary = {"run_dir": str(run_dir), "config": str(config_path), "attack": kind,
                "models": dict(zip(labels, cfg.models)),
                "results": {label: str(run_dir / label / kind / "summary.json") for label in labels},
-               "table2": str(run_dir / "table2.md"), "prefill_curve": str(curve) if curve else None,
+               "table2": str(run_dir / "table2.md"),
+               "paired": {f"{a} - {b}": d for (a, b), d in diffs.items()},
+               "prefill_curve": str(curve) if curve else None,
                "mlflow": {"tracking_uri": uri, "parent_run_id": parent.run_id}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"== done: {run_dir / 'summary.json'}")

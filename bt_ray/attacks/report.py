@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bt_ray.eval.intervals import cluster_bootstrap_ci, wilson_ci
+from bt_ray.eval.intervals import cluster_bootstrap_ci, mcnemar_exact_p, newcombe_paired_ci, wilson_ci
 
 
 def _rate(rows: list[dict], key, *, num_resamples: int, seed: int) -> dict:
@@ -140,3 +140,42 @@ def prefill_curve(results: dict[str, dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def paired(rows_a: list[dict], rows_b: list[dict], *, num_resamples: int = 2000, seed: int = 0) -> dict:
+    """ASR(a) - ASR(b) per variant on the behaviours both judged: Newcombe's paired 95% CI, the exact
+    McNemar p, and a cluster bootstrap of the paired difference (the same attack on the same
+    behaviours, so the two rates are not independent)."""
+    out = {}
+    by_b = {(r["behaviour"], r["variant"]): r for r in rows_b if r["unsafe"] is not None}
+    for variant in sorted({r["variant"] for r in rows_a}, key=_variant_order):
+        pairs = [(r, by_b[(r["behaviour"], variant)]) for r in rows_a
+                 if r["variant"] == variant and r["unsafe"] is not None and (r["behaviour"], variant) in by_b]
+        if not pairs:
+            continue
+        a = sum(x["unsafe"] and y["unsafe"] for x, y in pairs)
+        b = sum(x["unsafe"] and not y["unsafe"] for x, y in pairs)
+        c = sum(not x["unsafe"] and y["unsafe"] for x, y in pairs)
+        low, high = newcombe_paired_ci(a, b, c, len(pairs) - a - b - c)
+        diffs = [float(x["unsafe"]) - float(y["unsafe"]) for x, y in pairs]
+        c_low, c_high = cluster_bootstrap_ci([x["cluster"] for x, _ in pairs], diffs,
+                                             num_resamples=num_resamples, seed=seed)
+        out[variant or "all"] = {"n": len(pairs), "difference": (b - c) / len(pairs), "ci_low": low,
+                                 "ci_high": high, "cluster_ci_low": c_low, "cluster_ci_high": c_high,
+                                 "mcnemar_p": mcnemar_exact_p(b, c), "discordant": [b, c]}
+    return out
+
+
+def paired_table(diffs: dict[tuple[str, str], dict[str, dict]]) -> str:
+    """Markdown of ``paired`` results: ``diffs[(a, b)][kind]``, one row per (pair, attack, variant)."""
+    lines = ["| attack | variant | ASR difference (a - b) | 95% CI (Newcombe, paired) | cluster bootstrap | "
+             "McNemar p | n |", "|---|---|---|---|---|---|---|"]
+    for (a, b), kinds in diffs.items():
+        for kind, variants in kinds.items():
+            for variant, d in variants.items():
+                lines.append(
+                    f"| {kind} ({a} - {b}) | {variant} | {100 * d['difference']:+.1f} pts | "
+                    f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] | "
+                    f"[{100 * d['cluster_ci_low']:+.1f}, {100 * d['cluster_ci_high']:+.1f}] | "
+                    f"{d['mcnemar_p']:.3g} | {d['n']} |")
+    return "\n".join(lines) + "\n"

@@ -48,6 +48,9 @@ def test_prefill_job_writes_results_summary_table_and_mlflow(ray_cluster, tmp_pa
         assert per_k["k=0"]["judge"] == ["synthetic-exact"] and per_k["k=0"]["stand_in"] is False
     table = (run / "table2.md").read_text()
     assert "| baseline |" in table and "| backtrack |" in table and "prefill (k=4)" in table
+    # the same tiny model twice: the paired difference is exactly 0 at every k, with its interval
+    assert "| prefill (baseline - backtrack) | k=2 | +0.0 pts |" in table
+    assert set(summary["paired"]["baseline - backtrack"]["prefill"]) == {"k=0", "k=2", "k=4"}
     assert (run / "prefill_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     mlflow.set_tracking_uri(summary["mlflow"]["tracking_uri"])
     runs = mlflow.search_runs(experiment_names=["bt-ray-attack"], output_format="list")
