@@ -23,7 +23,7 @@ from bt_ray.data.records import DataError
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
 JOB_COMMANDS = {
     "demo": "demo.py", "sft": "sft.py", "dpo": "dpo.py", "eval": "eval.py", "serve": "serve.py",
-    "attack": "attack.py",
+    "attack": "attack.py", "sweep": "sweep.py",
 }
 
 

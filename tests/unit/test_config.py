@@ -102,9 +102,10 @@ def _config_classes():
     from bt_ray.eval.config import EvalCfg
     from bt_ray.serve.config import ServeCfg
     from bt_ray.train.config import JOB_CONFIGS
+    from bt_ray.tune.config import SweepCfg
 
     return {"data": DataBuildCfg, "demo": DemoCfg, **JOB_CONFIGS, "eval": EvalCfg, "serve": ServeCfg,
-            "attack": AttackJobCfg}
+            "attack": AttackJobCfg, "sweep": SweepCfg}
 
 
 def test_every_yaml_under_jobs_configs_and_clusters_validates():
