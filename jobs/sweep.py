@@ -7,9 +7,10 @@ Run as:
 Every trial is the base job config plus its grid point, trained by ``run_stage`` (Ray Train) in a Tune
 function trial, then scored on a fixed dev subset by the evaluation pipeline's judge
 (``bt_ray.tune.trial``). Outputs in <run_dir>: trials/<trial name>/ (each a training run dir),
-results.csv (every trial once), heatmap.png (the selection metric over the grid), best/model (a link
-to the best trial's model, which the next stage reads) and summary.json. MLflow: one parent run per
-sweep holding the CSV and PNG; each trial's training run is its child, with the dev metrics.
+results.csv (every trial once), heatmap.png (the selection metric over the grid), loss_curves.png
+(training loss per trial), best/model (a link to the best trial's model, which the next stage reads)
+and summary.json. MLflow: one parent run per sweep holding the CSV and PNGs; each trial's training
+run is its child, with the dev metrics.
 
 Bad input (an empty grid, an unknown grid name or field, a metric no trial reports, a trial that needs
 more than the cluster has) fails before any trial starts. Restore: run the same command again; Tune
@@ -26,7 +27,7 @@ from pathlib import Path
 from bt_ray import config, tracking
 from bt_ray.tune.config import SweepCfg
 from bt_ray.tune.grid import expand, grid_of, trial_configs
-from bt_ray.tune.report import format_table, heatmap, link_best, pick_best, results_table
+from bt_ray.tune.report import format_table, heatmap, link_best, loss_curves, pick_best, results_table
 from bt_ray.tune.trial import SCORE_FILE, run_trial
 
 
@@ -108,6 +109,7 @@ def main(cfg: SweepCfg) -> dict:
     # ---- 3. the parent MLflow run (reopened on restore), then the trials
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = config.dump(cfg, run_dir / "config.yaml")
+    tracking.experiment_id(uri, cfg.mlflow_experiment, run_dir / "mlartifacts")  # artifacts in the sweep dir
     parent = tracking.StageRun(uri, cfg.mlflow_experiment, run_dir, f"sweep:{run_dir.name}")
     parent.log_config(config.to_dict(cfg), config_path, {"stage": "sweep", "sweep.stage": cfg.stage,
                                                          "sweep.grid": cfg.grid, "git_sha": config.git_sha()})
@@ -129,8 +131,9 @@ def main(cfg: SweepCfg) -> dict:
         best = pick_best(rows, cfg.selection.metric, cfg.selection.mode)
         link = link_best(best, run_dir / "best")
         png = heatmap(rows, params, cfg.selection.metric, run_dir / "heatmap.png", best["trial"])
+        curves = loss_curves(rows, run_dir / "trials", run_dir / "loss_curves.png")
         table = format_table(rows, cfg.selection.metric, best["trial"])
-        for path in (run_dir / "results.csv", png, run_dir / "best" / "trial.json"):
+        for path in (run_dir / "results.csv", png, curves, run_dir / "best" / "trial.json"):
             parent.log_artifact(path)
         parent.set_tags({"sweep.best_trial": best["trial"], "sweep.best_model": str(link)})
         parent.log_metrics({f"best.{k}": float(best[k]) for k in ("dev_unsafe_rate", "eval_loss")
@@ -141,7 +144,8 @@ def main(cfg: SweepCfg) -> dict:
     parent.end("FINISHED")
     summary = {"run_dir": str(run_dir), "stage": cfg.stage, "grid": cfg.grid, "metric": cfg.selection.metric,
                "mode": cfg.selection.mode, "best_trial": best["trial"], "best_model": str(link),
-               "results": str(run_dir / "results.csv"), "heatmap": str(png), "table": table,
+               "results": str(run_dir / "results.csv"), "heatmap": str(png), "loss_curves": str(curves),
+               "table": table,
                "mlflow": {"tracking_uri": uri, "experiment": cfg.mlflow_experiment,
                           "parent_run_id": parent.run_id}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -115,3 +115,28 @@ def format_table(rows: list[dict], metric: str, best: str) -> str:
         value, loss = _number(r.get(metric)), _number(r.get("eval_loss"))
         lines.append(f"{r['trial']:<32} {value:>16.4f} {loss:>10.4f}{mark}")
     return "\n".join(lines)
+
+
+def loss_curves(rows: list[dict], trials_root: Path, path: Path) -> Path:
+    """Training loss per step of every trial (from each run dir's ``metrics.jsonl``), one line each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in rows:
+        log = trials_root / r["trial"] / "metrics.jsonl"
+        points = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        by_step = {p["step"]: p["loss"] for p in points if "loss" in p and "step" in p}
+        if by_step:
+            steps = sorted(by_step)
+            ax.plot(steps, [by_step[s] for s in steps], marker=".", label=r["trial"])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -109,7 +109,7 @@ def test_sweep_completes_restores_and_selects_the_best(tmp_path):
     assert len(parents) == 1 and parents[0].info.run_id == summary["mlflow"]["parent_run_id"]
     assert parents[0].data.tags["sweep.best_trial"] == expected["trial"]
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-    assert {"results.csv", "heatmap.png"} <= artifacts
+    assert {"results.csv", "heatmap.png", "loss_curves.png"} <= artifacts
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.info.run_name for r in children) == sorted(TRIALS)
     assert len(runs) == 1 + len(TRIALS)  # no duplicate run after the restore
