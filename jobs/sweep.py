@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from bt_ray import config, tracking
@@ -114,6 +115,7 @@ def main(cfg: SweepCfg) -> dict:
     parent.log_config(config.to_dict(cfg), config_path, {"stage": "sweep", "sweep.stage": cfg.stage,
                                                          "sweep.grid": cfg.grid, "git_sha": config.git_sha()})
     plan = {"stage": cfg.stage, "selection": config.to_dict(cfg.selection), "parent_run_id": parent.run_id,
+            "cwd": os.getcwd(),
             "trials": {name: config.to_dict(job) for name, job in jobs.items()}}
     try:
         grid = tuner_for(cfg, plan, [t.name for t in trials], max_concurrent).fit()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 from bt_ray import config
@@ -102,8 +103,8 @@ def score_trial(job, summary: dict, selection, out_dir: Path) -> dict:
 
 
 def run_trial(tune_config: dict, *, plan: dict) -> None:
-    """Tune's trainable: ``plan`` holds every trial's resolved job config, the selection config and the
-    sweep's parent MLflow run; ``tune_config["trial"]`` names this trial."""
+    """Tune's trainable: ``plan`` holds every trial's resolved job config, the selection config, the
+    sweep's parent MLflow run and the driver's working dir; ``tune_config["trial"]`` names this trial."""
     from ray import tune
 
     from bt_ray import tracking
@@ -111,6 +112,7 @@ def run_trial(tune_config: dict, *, plan: dict) -> None:
     from bt_ray.train.job import run_stage
     from bt_ray.tune.config import SelectionCfg
 
+    os.chdir(plan["cwd"])  # Tune starts a trial in its own dir; the configs' relative paths are the driver's
     name = tune_config["trial"]
     job = config.build(JOB_CONFIGS[plan["stage"]], plan["trials"][name])
     selection = config.build(SelectionCfg, plan["selection"])
