@@ -21,7 +21,6 @@ are reopened, not duplicated.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -29,42 +28,12 @@ from bt_ray import config, tracking
 from bt_ray.tune.config import SweepCfg
 from bt_ray.tune.grid import expand, grid_of, trial_configs
 from bt_ray.tune.report import format_table, heatmap, link_best, loss_curves, pick_best, results_table
+from bt_ray.tune.resources import concurrency
 from bt_ray.tune.trial import SCORE_FILE, run_trial
 
 
 def parse_args(argv=None) -> SweepCfg:
     return config.parse_job_args(SweepCfg, __doc__, argv, example="grid=paper-sft")
-
-
-def trial_resources(cfg: SweepCfg, job) -> dict[str, float]:
-    """What one trial holds at its peak: its training workers, or its scoring actors and judge."""
-    s, e = job.scaling, cfg.selection.engine
-    cpus = max(s.num_workers * s.cpus_per_worker, e.num_actors * e.num_cpus_per_actor + 0.25)
-    gpus = max(s.num_workers if s.use_gpu else 0, e.num_actors * e.num_gpus_per_actor)
-    return {"CPU": cpus, "GPU": gpus}
-
-
-def concurrency(cfg: SweepCfg, jobs: dict) -> int:
-    """Trials at once: as many as the cluster fits (8 GPUs at 2 per trial: 4), capped by config.
-
-    Raises:
-        RuntimeError: a trial needs more CPUs or GPUs than the whole cluster has.
-    """
-    import ray
-
-    have = ray.cluster_resources()
-    fits, problems = math.inf, []
-    for name, job in jobs.items():
-        for kind, need in trial_resources(cfg, job).items():
-            if need > have.get(kind, 0):
-                problems.append(f"{name}: needs {need:g} {kind} but the cluster has {have.get(kind, 0):g}")
-            elif need > 0:
-                fits = min(fits, int(have[kind] // need))
-    if problems:
-        raise RuntimeError("trials need more than the Ray cluster has (lower scaling.* or "
-                           "selection.engine.*):\n  " + "\n  ".join(problems))
-    fits = 1 if fits is math.inf else max(1, fits)
-    return min(fits, cfg.max_concurrent_trials) if cfg.max_concurrent_trials else fits
 
 
 def tuner_for(cfg: SweepCfg, plan: dict, names: list[str], max_concurrent: int):
@@ -105,7 +74,7 @@ def main(cfg: SweepCfg) -> dict:
     # ---- 2. the cluster, and how many trials fit at once
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False, runtime_env={"env_vars": worker_env()})
-    max_concurrent = concurrency(cfg, jobs)
+    max_concurrent = concurrency(cfg, jobs, ray.cluster_resources())  # or: a trial that cannot fit
     print(f"-- {max_concurrent} trial(s) at once; MLflow store {uri}, experiment {cfg.mlflow_experiment}")
     # ---- 3. the parent MLflow run (reopened on restore), then the trials
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -121,3 +121,27 @@ def test_best_trial_by_metric_then_eval_loss():
     assert pick_best(rows, "dev_unsafe_rate", "min")["trial"] == "c"
     assert pick_best(rows, "dev_unsafe_rate", "max")["trial"] == "a"
     assert pick_best(rows, "eval_loss", "min")["trial"] == "d"
+
+
+def test_concurrency_comes_from_the_resources_a_trial_needs_and_the_cluster_has(tmp_path):
+    from bt_ray.tune.resources import concurrency
+
+    gpu = ["base_overrides=[scaling.use_gpu=true, scaling.num_workers=2, scaling.cpus_per_worker=1]",
+           "selection.engine.num_gpus_per_actor=1"]
+    jobs, _ = trial_configs(sweep(tmp_path, *gpu))
+    assert concurrency(sweep(tmp_path, *gpu), jobs, {"CPU": 64, "GPU": 8}) == 4  # 8 GPUs at 2 per trial
+    assert concurrency(sweep(tmp_path, *gpu, "max_concurrent_trials=3"), jobs, {"CPU": 64, "GPU": 8}) == 3
+    cpu_jobs, _ = trial_configs(sweep(tmp_path))
+    assert concurrency(sweep(tmp_path), cpu_jobs, {"CPU": 4}) == 2  # 2 workers x 1 CPU
+
+
+def test_a_trial_needing_more_than_the_cluster_has_is_refused(tmp_path):
+    from bt_ray.tune.resources import concurrency
+
+    cfg = sweep(tmp_path, "base_overrides=[scaling.use_gpu=true, scaling.num_workers=16]")
+    jobs, _ = trial_configs(cfg)
+    with pytest.raises(RuntimeError, match=r"lr=0.0005,epochs=1: needs 16 GPU but the cluster has 8"):
+        concurrency(cfg, jobs, {"CPU": 256, "GPU": 8})
+    cfg = sweep(tmp_path, "base_overrides=[scaling.num_workers=8]")
+    with pytest.raises(RuntimeError, match="needs 8 CPU but the cluster has 4"):
+        concurrency(cfg, trial_configs(cfg)[0], {"CPU": 4})
