@@ -97,7 +97,9 @@ class SweepCfg:
     max_concurrent_trials: int | None = None
     """Trials at once; null: as many as the cluster's CPUs/GPUs fit (a trial needs its training workers)."""
     scheduler: Literal["none", "asha"] = "none"
-    """none runs every trial to completion (the paper); asha stops trials early on the selection metric."""
+    """none runs every trial to completion (the paper); asha hands trials to Tune's ASHAScheduler on the
+    selection metric. A trial reports once, after training and scoring, so ASHA has no earlier result to
+    stop on yet: it needs per-epoch dev scoring (not built)."""
     run_dir: str = "outputs/sweeps/demo"
     """Sweep dir: trials/<trial name>/ (each a run dir), results.csv, heatmap.png, best/model."""
     ray_num_cpus: int | None = None
