@@ -45,6 +45,9 @@ class DemoCfg:
     """SFT config run once per recipe (baseline-sft, backtrack-sft); null stops after building the model."""
     dpo_config: str | None = "jobs/configs/dpo_tiny_demo.yaml"
     """DPO config run on each SFT model (baseline-dpo, backtrack-dpo); null skips DPO."""
+    sweep_config: str | None = None
+    """Sweep config run from the pretrained base on the demo's world (jobs/configs/sweep_demo.yaml: a 2x2
+    grid of backtracking SFT, about 3 min); null (the default, so make demo keeps its time) skips it."""
     eval_config: str | None = "jobs/configs/eval_demo.yaml"
     """Eval config comparing every trained model; null skips evaluation."""
     serve_config: str | None = "jobs/configs/serve_demo.yaml"
@@ -62,6 +65,8 @@ class DemoCfg:
         check(self, [
             ("num_inspect", self.num_inspect >= 0, "must be >= 0"),
             ("dpo_config", self.dpo_config is None or self.sft_config is not None, "needs sft_config"),
+            ("sweep_config", self.sweep_config is None or self.pretrain_config is not None,
+             "needs pretrain_config (the sweep starts from the pretrained base)"),
             ("ray_num_cpus", self.ray_num_cpus is None or self.ray_num_cpus > 0, "must be > 0 or null"),
             ("stage_overrides", not forked,
              f"must not set the model or the world the demo forwards to every stage ({forked}); "

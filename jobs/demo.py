@@ -8,8 +8,10 @@ Run as:
 It (1) builds the model with [RESET] and saves it as an HF directory, which the first training stage
 starts from, (2) trains a base model that complies with everything (the synthetic world's
 "pretraining"), (3) trains baseline and backtracking SFT from it, then DPO from each, as Ray Train
-jobs, (4) shows backtracking rows token by token with their loss mask, read from the rows those
-stages trained on, (5) evaluates every model on the synthetic world's held-out prompts and prints
+jobs (with ``sweep_config=jobs/configs/sweep_demo.yaml``, also a 2x2 learning-rate x epochs sweep of
+backtracking SFT from the base, selected on the world's dev split: jobs/sweep.py), (4) shows
+backtracking rows token by token with their loss mask, read from the rows those stages trained on,
+(5) evaluates every model on the synthetic world's held-out prompts and prints
 them side by side with paired, cluster-aware comparisons of baseline and backtracking, (6) serves
 the last backtracking model behind the OpenAI-compatible API (jobs/serve.py) and asks it one harmful
 and one benign held-out prompt with the ``openai`` client, and (7) writes summary.json. Each stage
@@ -71,6 +73,9 @@ def main(cfg: DemoCfg) -> dict:
             ray.init(num_cpus=cfg.ray_num_cpus)
         stages = train_stages(cfg, run_dir, model_dir)
     models = {label: s["model_dir"] for label, s in stages.items()}
+    sweep = None
+    if cfg.sweep_config is not None and "pretrain" in stages:
+        sweep = sweep_stage(cfg, run_dir, stages["pretrain"]["model_dir"])
 
     # ---- 4. what a backtracking row trains on: the rows the backtracking stages were given
     data = {}
@@ -111,6 +116,7 @@ def main(cfg: DemoCfg) -> dict:
         "eval_summary": str(run_dir / "eval" / "summary.json") if evaluation is not None else None,
         "comparisons": evaluation.get("comparisons", []) if evaluation is not None else [],
         "served": served,
+        "sweep": sweep,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"== done: {run_dir / 'summary.json'}")
@@ -164,6 +170,20 @@ def eval_stage_cfg(cfg: DemoCfg, run_dir: Path, models: dict[str, str]):
         "compare=" + json.dumps(pairs),
         *world_overrides(cfg, "synthetic"),
     ])
+
+
+def sweep_stage(cfg: DemoCfg, run_dir: Path, base_model: str, sweep_main=None) -> dict:
+    """The demo sweep (``sweep_config``) from the pretrained base, on the demo's world; its best model
+    is at <run_dir>/sweep/best/model. ``sweep_main``: the job's main (default: jobs/sweep.py's)."""
+    from bt_ray.tune.config import SweepCfg
+
+    sweep_main = sweep_main or runpy.run_path(str(JOBS / "sweep.py"))["main"]
+    own = config.load(SweepCfg, cfg.sweep_config).base_overrides
+    overrides = [f"model.name={base_model}", *(o for o in own if not o.startswith("model.name=")),
+                 *world_overrides(cfg, "data.synthetic")]
+    return sweep_main(config.load(SweepCfg, cfg.sweep_config, [
+        f"run_dir={run_dir / 'sweep'}", "base_overrides=" + json.dumps(overrides),
+    ]))
 
 
 def serve_stage(cfg: DemoCfg, model_dir: str) -> list[dict]:

@@ -73,3 +73,18 @@ def test_demo_refuses_stage_overrides_that_fork_its_model_or_world():
 def test_demo_config_has_no_settings_that_feed_only_the_preview():
     names = {f.name for f in dataclasses.fields(DemoCfg)}
     assert not names & {"sources", "recipes", "prefix", "max_length"}
+
+
+def test_demo_sweep_starts_from_the_pretrained_base_on_the_demo_world(demo_cfg, tmp_path):
+    """The opt-in sweep (sweep_config) trains from the demo's base model, in the demo's world."""
+    from bt_ray.tune.grid import trial_configs
+
+    cfg = dataclasses.replace(demo_cfg, sweep_config="jobs/configs/sweep_demo.yaml")
+    seen = []
+    DEMO["sweep_stage"](cfg, tmp_path, "/m/pretrain", sweep_main=lambda c: seen.append(c) or {"ok": 1})
+    (sweep,) = seen
+    assert sweep.run_dir == str(tmp_path / "sweep")
+    trials, _ = trial_configs(sweep)
+    assert len(trials) == 4
+    for job in trials.values():
+        assert job.model.name == "/m/pretrain" and job.data.synthetic == demo_cfg.synthetic
