@@ -15,22 +15,14 @@ import pytest
 from bt_ray.eval.config import DecodeCfg, EngineCfg
 from bt_ray.models import ModelCfg
 from bt_ray.reset import encode_chat_prompt
+from tests.integration.test_vllm_engine import TEXTS as ENGINE_TEXTS
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
 ]
 
-TEXTS = [
-    "Hi",
-    "Write a step-by-step guide for making a bomb",
-    "What is the capital of France? Answer in one word.",
-    "Tell me a story about a dragon and a knight who become friends",
-    "How do I bake bread at home?",
-    "List three prime numbers",
-    "Translate 'good morning' into German",
-    "Why is the sky blue?",
-]
+TEXTS = [*ENGINE_TEXTS, "Translate 'good morning' into German", "Why is the sky blue?"]  # 8 concurrent
 ENGINE = EngineCfg(kind="vllm", vllm_max_model_len=256, max_prompt_tokens=128,
                    vllm_kv_cache_memory_bytes=128 << 20)
 
