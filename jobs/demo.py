@@ -194,6 +194,7 @@ def serve_stage(cfg: DemoCfg, model_dir: str) -> list[dict]:
     from openai import OpenAI
 
     from bt_ray.data.synthetic import eval_prompts
+    from bt_ray.serve.app import read_api_key
     from bt_ray.serve.config import ServeCfg
 
     serve_job = runpy.run_path(str(JOBS / "serve.py"))
@@ -207,7 +208,7 @@ def serve_stage(cfg: DemoCfg, model_dir: str) -> list[dict]:
     url = serve_job["start"](serve_cfg)
     items, _ = eval_prompts(cfg.synthetic)
     asked = [next(it for it in items if it.harmful), next(it for it in items if not it.harmful)]
-    client = OpenAI(base_url=url, api_key=serve_job["api_key"](serve_cfg) or "unused")
+    client = OpenAI(base_url=url, api_key=read_api_key(serve_cfg.auth) or "unused")
     model = client.models.list().data[0].id
     print(f"-- serving {model_dir} as {model!r} at {url} (up in {time.perf_counter() - t0:.0f} s)")
     out = []

@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from bt_ray import config
-from bt_ray.serve.app import api_key_sha256, build_app, served_model_name
+from bt_ray.serve.app import build_app, read_api_key, served_model_name
 from bt_ray.serve.config import ServeCfg
 
 
@@ -73,7 +73,7 @@ def start(cfg: ServeCfg) -> str:
     from ray import serve
 
     check_model(cfg)
-    has_key = api_key_sha256(cfg.auth) is not None  # a missing key file fails here, before Ray starts
+    has_key = read_api_key(cfg.auth) is not None  # a missing key file fails here, before Ray starts
     loopback = cfg.http.host in ("127.0.0.1", "localhost", "::1")
     if not loopback and not has_key and not cfg.auth.allow_open_network:
         raise SystemExit(f"http.host={cfg.http.host} exposes the API beyond this machine without an API key: "
@@ -86,17 +86,8 @@ def start(cfg: ServeCfg) -> str:
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
     url = base_url(cfg)
-    wait_ready(url, api_key(cfg))
+    wait_ready(url, read_api_key(cfg.auth))
     return url
-
-
-def api_key(cfg: ServeCfg) -> str | None:
-    """The key clients must send (from auth.api_key_file or $auth.api_key_env), None when there is none."""
-    if cfg.auth.api_key_file:
-        return Path(cfg.auth.api_key_file).expanduser().read_text().splitlines()[0].strip()
-    if cfg.auth.api_key_env:
-        return os.environ.get(cfg.auth.api_key_env, "").strip() or None
-    return None
 
 
 def stop(cfg: ServeCfg, timeout_s: float = 15.0) -> None:

@@ -125,6 +125,7 @@ def run_attack(model_cfg, label: str, attack_cfg, behaviours: list[Behaviour], d
     pending = {task.remote(model_cfg, attack_cfg, b, decode, judge_cfg, use_synthetic_judge, board): b
                for b in todo}
     failures = []
+    verdicts = [r["unsafe"] for r in store.rows() if r["unsafe"] is not None]  # ASR so far, kept up to date
     bar = tqdm(total=len(behaviours), initial=len(behaviours) - len(todo), desc=f"{attack_cfg.kind} {label}",
                unit="behaviour")
     try:
@@ -133,14 +134,14 @@ def run_attack(model_cfg, label: str, attack_cfg, behaviours: list[Behaviour], d
             for ref in ready:
                 behaviour = pending.pop(ref)
                 try:
-                    store.add(ray.get(ref))
+                    record = ray.get(ref)
+                    store.add(record)
+                    verdicts += [r["unsafe"] for r in record["rows"] if r["unsafe"] is not None]
                 except Exception as e:  # noqa: BLE001 - reported after the rest finish
                     failures.append(f"{behaviour.location}: {type(e).__name__}: {e}")
                 bar.update(1)
-            rows = store.rows()
-            judged = [r for r in rows if r["unsafe"] is not None]
             live = ray.get(board.best.remote())
-            bar.set_postfix(asr=f"{sum(r['unsafe'] for r in judged) / max(len(judged), 1):.2f}",
+            bar.set_postfix(asr=f"{sum(verdicts) / max(len(verdicts), 1):.2f}",
                             best_loss="-" if live is None else f"{live:.3f}", refresh=False)
     finally:
         bar.close()

@@ -84,6 +84,10 @@ class ResetLogitsProcessor:
         self.max_resets = max_resets
         self.window = window
         self.prompt_length = prompt_length
+        self._limited = any(v is not None for v in [*_as_list(max_resets), *_as_list(window)])
+        self._has_bias = any(_as_list(self.bias))
+        # Per-row limits and bias as tensors, built on the first step (they need the batch's device).
+        self._rows: tuple[int, torch.device, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # Resets per row and ids since the last reset, kept up to date from the one new id of each
         # step (a full recount when the call is not the next step of the same generation), so a
         # step costs O(batch), not O(length).
@@ -97,6 +101,15 @@ class ResetLogitsProcessor:
         if len(values) != batch:
             raise ValueError(f"{len(values)} per-row values for a batch of {batch}")
         return torch.tensor([none if v is None else float(v) for v in values], device=device)
+
+    def _row_tensors(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(max_resets_B, window_B, bias_B)``, built once per batch size and device."""
+        if self._rows is None or self._rows[:2] != (batch, device):
+            inf = float("inf")
+            self._rows = (batch, device, self._per_row(self.max_resets, batch, inf, device),
+                          self._per_row(self.window, batch, inf, device),
+                          self._per_row(self.bias, batch, 0.0, device))
+        return self._rows[2:]
 
     def _count(self, input_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         length = input_ids_BT.shape[1]
@@ -118,21 +131,17 @@ class ResetLogitsProcessor:
 
     def __call__(self, input_ids_BT: torch.Tensor, scores_BV: torch.Tensor) -> torch.Tensor:
         blocked_B = None
-        batch, device = input_ids_BT.shape[0], input_ids_BT.device
-        limits = [*_as_list(self.max_resets), *_as_list(self.window)]
-        if any(v is not None for v in limits):
+        max_resets_B, window_B, bias_B = self._row_tensors(input_ids_BT.shape[0], input_ids_BT.device)
+        if self._limited:
             num_resets_B, since_B = self._count(input_ids_BT)
-            blocked_B = num_resets_B >= self._per_row(self.max_resets, batch, float("inf"), device)
-            blocked_B |= since_B >= self._per_row(self.window, batch, float("inf"), device)
+            blocked_B = (num_resets_B >= max_resets_B) | (since_B >= window_B)
             if not bool(blocked_B.any()):
                 blocked_B = None
-        has_bias = any(_as_list(self.bias))
-        if not has_bias and blocked_B is None:
+        if not self._has_bias and blocked_B is None:
             return scores_BV  # nothing to change: no copy of the logits
         scores_BV = scores_BV.clone()
-        if has_bias:
-            bias_B = self._per_row(self.bias, batch, 0.0, scores_BV.device)
-            scores_BV[:, self.reset_id] += bias_B.to(scores_BV.dtype)
+        if self._has_bias:
+            scores_BV[:, self.reset_id] += bias_B.to(device=scores_BV.device, dtype=scores_BV.dtype)
         if blocked_B is not None:
             scores_BV[blocked_B, self.reset_id] = float("-inf")
         return scores_BV

@@ -53,12 +53,13 @@ def served_model_name(cfg: ServeCfg) -> str:
     return cfg.served_model_name or model_label(cfg.model.name)
 
 
-def api_key_sha256(auth: AuthCfg) -> str | None:
-    """SHA-256 of the API key from ``auth.api_key_file`` or ``$auth.api_key_env``; None: no key.
+def read_api_key(auth: AuthCfg) -> str | None:
+    """The key clients must send: the first line of ``auth.api_key_file``, else ``$auth.api_key_env``;
+    None when there is none.
 
-    Only the digest reaches the replicas (deployment arguments are stored by Ray), never the key.
+    Raises:
+        ValueError: ``auth.api_key_file`` is missing or empty.
     """
-    key = None
     if auth.api_key_file:
         path = Path(auth.api_key_file).expanduser()
         if not path.is_file():
@@ -66,8 +67,16 @@ def api_key_sha256(auth: AuthCfg) -> str | None:
         key = (path.read_text().splitlines() or [""])[0].strip()
         if not key:
             raise ValueError(f"auth.api_key_file: {path} is empty")
-    elif auth.api_key_env and os.environ.get(auth.api_key_env, "").strip():
-        key = os.environ[auth.api_key_env].strip()
+        return key
+    if auth.api_key_env:
+        return os.environ.get(auth.api_key_env, "").strip() or None
+    return None
+
+
+def api_key_sha256(auth: AuthCfg) -> str | None:
+    """SHA-256 of ``read_api_key(auth)``; None: no key. Only the digest reaches the replicas
+    (deployment arguments are stored by Ray), never the key."""
+    key = read_api_key(auth)
     return hashlib.sha256(key.encode()).hexdigest() if key else None
 
 
