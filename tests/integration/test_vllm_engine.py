@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -87,7 +88,8 @@ def test_vllm_token_times_are_the_steps_a_stream_delivers_them_at(engines):
     prompts = _prompts(hf.tokenizer)
     decode = DecodeCfg(max_new_tokens=16)
     gens = vllm.generate(prompts, decode)
-    steps = vllm.last_step_times
+    # Every engine step of the call gives some request an id, so the distinct times are the steps.
+    steps = sorted({t for g in gens for t in g.token_times})
     got = [[steps.index(t) for t in g.token_times] for g in gens]
     # ground truth: the same requests streamed, each id stamped with the step that returned it
     engine = vllm.llm.llm_engine
@@ -110,6 +112,37 @@ def test_vllm_token_times_are_the_steps_a_stream_delivers_them_at(engines):
         for g in engine_.generate(prompts, decode):
             assert len(g.token_times) == len(g.ids)
             assert all(a <= b for a, b in zip(g.token_times, g.token_times[1:]))
+
+
+def test_concurrent_generate_calls_share_the_batch_and_give_what_each_call_alone_gives(engines, monkeypatch):
+    """Calls from several threads (a Ray Data actor with several batches in flight) join one
+    continuous batch: each gets exactly its own rows' outputs, greedy and seeded, as alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, vllm = engines
+    prompts = _prompts(vllm.tokenizer)
+    greedy = DecodeCfg(max_new_tokens=12)
+    sampled = DecodeCfg(max_new_tokens=12, temperature=1.0)
+    calls = [(prompts[i::3], d, [100 * i + j for j in range(len(prompts[i::3]))])
+             for i in range(3) for d in (greedy, sampled)]
+    engine = vllm.stepper.engine
+    num_steps = [0]
+
+    class Counting:  # the stepper's engine, counting steps
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def step(self):
+            num_steps[0] += 1
+            return engine.step()
+
+    monkeypatch.setattr(vllm.stepper, "engine", Counting())
+    alone = [[g.ids for g in vllm.generate(*c)] for c in calls]
+    steps_alone, num_steps[0] = num_steps[0], 0
+    with ThreadPoolExecutor(len(calls)) as pool:
+        together = list(pool.map(lambda c: vllm.generate(*c), calls))
+    assert [[g.ids for g in gens] for gens in together] == alone
+    assert num_steps[0] < steps_alone / 2, (num_steps[0], steps_alone)  # batched, not one after another
 
 
 def test_vllm_samples_follow_the_row_seed_not_the_batch(engines):
@@ -148,6 +181,43 @@ def test_a_failing_add_request_leaves_no_request_behind(engines):
         vllm.generate([prompts[0], prompts[1], too_long], decode)
     assert not engine.has_unfinished_requests() and engine.get_num_unfinished_requests() == 0
     assert [g.ids for g in vllm.generate(prompts[:2], decode)] == want
+
+
+def test_swap_loads_a_same_architecture_model_in_place_and_back(engines, tmp_path):
+    """``swap`` reloads weights into the running engine (an eval of several fine-tunes starts vLLM once):
+    the other model answers differently, and swapping back gives the first model's ids exactly."""
+    from bt_ray.models import load_model, save_model
+
+    hf, vllm = engines
+    prompts = _prompts(vllm.tokenizer)
+    decode = DecodeCfg(max_new_tokens=16)
+    before = [g.ids for g in vllm.generate(prompts, decode)]
+    model, tok, _ = load_model(ModelCfg())
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    other = save_model(model, tok, tmp_path / "other", {"stage": "test"})
+    engine_id = id(vllm.llm.llm_engine)
+    try:
+        assert vllm.swap(ModelCfg(name=str(other)))
+        swapped = [g.ids for g in vllm.generate(prompts, decode)]
+        assert swapped != before
+        want = [g.ids for g in _hf_generator(other).generate(prompts, decode)]
+        assert sum(a == b for a, b in zip(swapped, want)) >= len(prompts) // 2  # the other model's answers
+        tiny = ModelCfg().tiny
+        wider = ModelCfg(tiny=dataclasses.replace(tiny, hidden_size=2 * tiny.hidden_size))
+        assert not vllm.swap(wider)  # another architecture: a new engine is needed
+    finally:
+        assert vllm.swap(ModelCfg())
+    assert id(vllm.llm.llm_engine) == engine_id
+    assert [g.ids for g in vllm.generate(prompts, decode)] == before
+
+
+def _hf_generator(path):
+    from bt_ray.eval.engines import HFGenerator
+
+    return HFGenerator.from_cfg(ModelCfg(name=str(path)))
 
 
 def _reset_gaps(ids: list[int], reset_id: int) -> list[int]:

@@ -201,3 +201,22 @@ def test_engine_cfg_needs_prompts_shorter_than_the_vllm_context():
             EngineCfg(kind=kind, max_prompt_tokens=1024, vllm_max_model_len=1024)
     assert EngineCfg(kind="vllm", max_prompt_tokens=1023, vllm_max_model_len=1024)
     assert EngineCfg(kind="hf", max_prompt_tokens=4096)  # the vLLM context does not apply to HF
+
+
+def test_batches_per_actor_defaults_to_the_engine_and_more_than_one_is_refused_on_hf(monkeypatch):
+    """vLLM batches across the calls in flight (default 4); transformers generate cannot (default 1)."""
+    import bt_ray.eval.engines as engines
+    from bt_ray.config import ConfigError
+    from bt_ray.eval.config import EngineCfg
+    from bt_ray.eval.pipeline import batches_per_actor
+
+    assert batches_per_actor(EngineCfg(kind="vllm")) == 4 and batches_per_actor(EngineCfg(kind="hf")) == 1
+    assert batches_per_actor(EngineCfg(kind="vllm", batches_per_actor=2)) == 2
+    with pytest.raises(ConfigError, match="batches_per_actor must be 1 or null on the HF engine"):
+        EngineCfg(kind="hf", batches_per_actor=2)
+    with pytest.raises(ConfigError, match="batches_per_actor must be >= 1 or null"):
+        EngineCfg(batches_per_actor=0)
+    monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: None)  # auto without vLLM: HF
+    assert batches_per_actor(EngineCfg(kind="auto")) == 1
+    with pytest.raises(ValueError, match="engine.kind=auto resolved to hf"):
+        batches_per_actor(EngineCfg(kind="auto", batches_per_actor=4))
