@@ -172,7 +172,10 @@ def test_cuda_constraints_pin_the_gpu_stack_within_pyproject():
     cpu = _pins(ROOT / "constraints" / "cpu.txt")
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["gpu"]]
+    extras = project["optional-dependencies"]
+    # what `make DEVICE=cuda venv` installs: the dependencies and the gpu, presets and dev extras
+    names = project["dependencies"] + extras["gpu"] + extras["presets"] + extras["dev"]
+    reqs = [Requirement(r) for r in names]
     for req in reqs:
         name = re.sub(r"[-_.]+", "-", req.name.lower())
         assert name in cuda, f"constraints/cuda.txt does not pin {name}"
