@@ -26,6 +26,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import statistics
 import sys
@@ -314,6 +315,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=sorted(PARTS))
     args = parser.parse_args(argv)
+    # gpu_check.sh's timeout sends SIGTERM: exit through finally blocks and atexit (Serve shut down, the
+    # local Ray cluster stopped) so a timed-out part does not leave the GPU held for the next one.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return PARTS[args.part](args)
