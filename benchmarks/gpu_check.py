@@ -192,7 +192,8 @@ def part_sft(_args) -> int:
         logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         steps = [m for m in logs if "tokens_per_second" in m]
         losses = [m["loss"] for m in steps]
-        tps = statistics.median(m["tokens_per_second"] for m in steps[SFT_WARMUP_STEPS:])
+        timed = [m["tokens_per_second"] for m in steps[SFT_WARMUP_STEPS:]]
+        tps = statistics.median(timed) if timed else float("nan")
         hf = json.loads((run_dir / "model" / "config.json").read_text())
         n = llama_num_params(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
                              num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
@@ -216,8 +217,9 @@ def part_sft(_args) -> int:
             problems.append(f"global_step {summary['global_step']} != {SFT_STEPS}")
         if stage != 2 or bf16 is not True:
             problems.append(f"DeepSpeed ran zero stage {stage} bf16={bf16}, not ZeRO-2 bf16")
-        if not losses or not all(math.isfinite(x) for x in losses):
-            problems.append(f"non-finite loss {losses}")
+        if not timed or not all(math.isfinite(x) for x in losses):
+            problems.append(f"{len(steps)} logged steps, losses {losses}")
+            losses = losses or [float("nan")]
         mfu_text = "unknown-peak" if peak is None else f"{100 * mfu(tps, fpt, peak):.1f}%"
         return result("sft", not problems,
                       f"params={n / 1e9:.3f}B seq={SFT_SEQ_LEN} batch={SFT_GLOBAL_BATCH} "
