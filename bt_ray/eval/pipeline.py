@@ -1,8 +1,15 @@
 """The Ray Data evaluation pipeline: prompts -> generate (actor pool) -> backtracking post-processing
 -> judge -> one row per (prompt, sample).
 
-    items --map_batches(GenerateStage, ActorPoolStrategy(size=engine.num_actors))--> generated rows
-          --map_batches(JudgeStage, 1 actor)--> judged rows --take_all--> sorted by index
+    passes' rows --map_batches(GenerateStage, ActorPoolStrategy(size=engine.num_actors,
+                               engine.batches_per_actor batches in flight per actor))--> generated rows
+                 --map_batches(JudgeStage, 1 actor)--> judged rows --take_all--> per pass, sorted by index
+
+A pass (``Pass``) is one model and decoding over its rows. An eval of several models, with worst-of-k
+samples and bias points, is one pipeline (``run_passes``): the actors start once and move from model
+to model (on vLLM the weights are reloaded into the running engine when the architecture is shared).
+Each actor works on several batches at once, in threads; on vLLM their requests join one continuous
+batch (``bt_ray.eval.stepper``), so the engine never idles between batches.
 
 Each Ray Data row carries one JSON string (``payload``): rows are nested (turns, per-turn outputs)
 and JSON keeps them exact through Arrow. A row that fails (prompt too long, engine error on that
