@@ -6,7 +6,8 @@ and ``clusters/mlflow-server.sh`` against it with a temporary artifact dir, then
 there, as a cluster's jobs are. It checks what landed, three ways: through ``MlflowClient`` against the
 server, as rows in PostgreSQL's tables, and as files under the server's artifact dir (clients upload
 through the server; nothing may fall back to a local ``mlruns``). Installs nothing: skipped where the
-PostgreSQL binaries are absent (docs/operations-mlflow.md says how to install them).
+PostgreSQL binaries are absent (docs/operations-mlflow.md says how to install them). A fast test checks
+the script's refusals of missing or bad settings.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, free_port
-
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SFT_FAST = ["data.synthetic.num_train_pairs=32", "data.max_length=256", "optim.global_batch_size=8",
             "optim.micro_batch_size=2", "optim.max_steps=2", "run.save_steps=2", "model.tiny.num_layers=1",
@@ -166,6 +165,20 @@ def _job(script: str, args: list[str], uri: str, log: Path) -> None:
     assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{_tail(log, 6000)}"
 
 
+def test_server_script_names_every_missing_or_bad_variable(tmp_path):
+    """The script refuses to start, exit 2, naming each required variable that is unset, and a bad port."""
+    script = str(REPO / "clusters" / "mlflow-server.sh")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.run([script], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "MLFLOW_BACKEND_STORE_URI" in proc.stderr and "MLFLOW_ARTIFACTS_DESTINATION" in proc.stderr
+    env |= {"MLFLOW_BACKEND_STORE_URI": "sqlite:///x.db", "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path),
+            "MLFLOW_PORT": "50000x"}
+    proc = subprocess.run([script], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "MLFLOW_PORT must be a port number in 1..65535; got '50000x'" in proc.stderr
+
+
 def _artifact_files(client, run_id: str, path: str | None = None) -> set[str]:
     out = set()
     for f in client.list_artifacts(run_id, path):
@@ -173,6 +186,8 @@ def _artifact_files(client, run_id: str, path: str | None = None) -> set[str]:
     return out
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_sft_and_eval_track_to_a_postgres_backed_server(postgres, mlflow_server, tmp_path):
     import psycopg
     from mlflow import MlflowClient
