@@ -108,6 +108,17 @@ class EngineStepper:
             self._thread.start()
 
     def _loop(self) -> None:
+        try:
+            self._step_until_closed()
+        except BaseException as e:  # a bug here must not leave callers waiting forever
+            with self._cond:
+                pending = [*self._inbox, *self._aborts, *self._active.values()]
+                self._inbox, self._aborts = [], []
+            for call in {id(c): c for c in pending}.values():
+                self._fail(call, e)
+            raise
+
+    def _step_until_closed(self) -> None:
         while True:
             with self._cond:
                 while not (self._inbox or self._aborts or self._active or self._closed):
