@@ -87,11 +87,21 @@ def checkpoint_metadata(loop_config: dict, state) -> dict:
 
 
 class MetricsCallback(TrainerCallback):
-    """Rank 0: per-step metrics (with tokens/s) to ``metrics.jsonl`` and MLflow.
+    """Rank 0: per-step metrics (with tokens/s) to ``metrics.jsonl`` and MLflow, each step once.
 
     Not HF's ``MLflowCallback``: that one logs through the fluent API into a run it finds by
     ``MLFLOW_RUN_ID`` and knows nothing of tokens/s, peak RSS or ``metrics.jsonl``. Here the driver's
     run id comes in the loop config and ``tracking.log_metrics`` reuses one client per process.
+
+    A worker group that died (a killed worker, a lost node) logged steps past the checkpoint the next
+    group resumes from; those steps are trained again. So that every step is recorded once:
+
+    * ``metrics.jsonl`` is rolled back when training begins: records past the resumed global step
+      (and a line torn by the kill) are dropped, and the redone steps are appended, so the file
+      holds the history of the checkpointed run;
+    * MLflow cannot delete a metric value, so a (key, step) its history already holds is not logged
+      again: the first value stays. The redone step starts from the same checkpoint, data order and
+      RNG state, so it recomputes that value (up to floating-point reduction order).
     """
 
     def __init__(self, loop_config: dict, rank: int):
@@ -100,10 +110,13 @@ class MetricsCallback(TrainerCallback):
         self._path = Path(loop_config["run_dir"]) / METRICS_FILE
         self._last_time = None
         self._last_tokens = 0
+        self._mlflow_last_step: dict[str, int] = {}  # per key: the last step MLflow held at the start
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time = time.perf_counter()
         self._last_tokens = state.num_input_tokens_seen
+        if self._rank == 0:
+            rollback_metrics(self._path, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._rank != 0 or not logs:
@@ -121,4 +134,32 @@ class MetricsCallback(TrainerCallback):
         if self._mlflow is not None:
             from bt_ray.tracking import log_metrics
 
-            log_metrics(self._mlflow["tracking_uri"], self._mlflow["run_id"], metrics, state.global_step)
+            new = {k: v for k, v in metrics.items() if state.global_step > self._mlflow_step(k)}
+            log_metrics(self._mlflow["tracking_uri"], self._mlflow["run_id"], new, state.global_step)
+
+    def _mlflow_step(self, key: str) -> int:
+        """The last step of ``key`` that the MLflow run held when this worker group started (-1: none),
+        asked once per key: later steps are this group's own."""
+        if key not in self._mlflow_last_step:
+            from bt_ray.tracking import client
+
+            history = client(self._mlflow["tracking_uri"]).get_metric_history(self._mlflow["run_id"], key)
+            self._mlflow_last_step[key] = max((m.step for m in history), default=-1)
+        return self._mlflow_last_step[key]
+
+
+def rollback_metrics(path: Path, global_step: int) -> None:
+    """Keep only the complete records of ``metrics.jsonl`` at steps up to ``global_step`` (atomically)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # torn by a kill mid-write
+            continue
+        if record.get("step", 0) <= global_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
