@@ -121,7 +121,8 @@ def class_section(cls: type, where: str) -> list[str]:
     lines += ["| field | type | default | what |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):
         doc = docs.get(f.name, "(undocumented)")
-        lines.append(f"| `{f.name}` | {cell(type_name(hints[f.name]))} | {cell(default_text(f))} | {cell(doc)} |")
+        kind, default = cell(type_name(hints[f.name])), cell(default_text(f))
+        lines.append(f"| `{f.name}` | {kind} | {default} | {cell(doc)} |")
     return lines + [""]
 
 
@@ -173,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv == ["--check"]:
         if OUT.is_file() and OUT.read_text() == text:
             return 0
-        print(f"{OUT.relative_to(REPO)} is stale: run python docs/gen_config_reference.py", file=sys.stderr)
+        shown = OUT.relative_to(REPO) if OUT.is_relative_to(REPO) else OUT
+        print(f"{shown} is stale: run python docs/gen_config_reference.py", file=sys.stderr)
         return 1
     OUT.write_text(text)
-    print(f"wrote {OUT.relative_to(REPO)}")
+    print(f"wrote {OUT}")
     return 0
 
 
