@@ -23,8 +23,10 @@ from bt_ray.data.records import DataError
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
 JOB_COMMANDS = {
     "demo": "demo.py", "sft": "sft.py", "dpo": "dpo.py", "eval": "eval.py", "serve": "serve.py",
-    "attack": "attack.py", "sweep": "sweep.py",
+    "attack": "attack.py", "sweep": "sweep.py", "report": "report.py",
 }
+# Jobs whose arguments are not ``--config`` and overrides.
+JOB_HELP = {"report": "write RUN_DIR/report.md with PNG plots (jobs/report.py; takes RUN_DIR [--out DIR])"}
 
 
 def _source_overrides(args) -> list[str]:
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _data_parser(sub)
     for name in JOB_COMMANDS:
-        sub.add_parser(name, help=f"run jobs/{JOB_COMMANDS[name]} (takes --config and overrides)")
+        default = f"run jobs/{JOB_COMMANDS[name]} (takes --config and overrides)"
+        sub.add_parser(name, help=JOB_HELP.get(name, default))
     args = parser.parse_args(argv)
     try:
         if args.command == "data":

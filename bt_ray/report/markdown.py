@@ -1,0 +1,179 @@
+"""The text of report.md: Table 1 (safety, helpfulness, reset rates, worst-of-k per model), the
+baseline-vs-backtracking comparisons in plain words, Table 2 (``attacks.report.table2``), the training
+runs, and where the run came from. Each table names its judge and labels a stand-in one."""
+
+from __future__ import annotations
+
+from bt_ray.eval.metrics import POOLED_SAFETY_SETS
+from bt_ray.report.collect import Attacks, Eval, TrainingRun
+
+
+def _pct(r: dict | None) -> str:
+    """``17.2 [14.4, 20.4] n=600``: a rate in percent with its Wilson 95% CI and its n."""
+    if not r or r.get("rate") is None:
+        return "-"
+    return f"{100 * r['rate']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] n={r['num']}"
+
+
+def _score(s: dict | None) -> str:
+    if not s or s.get("mean") is None:
+        return "-"
+    return f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] n={s['num']}"
+
+
+def _judges(groups: list[dict]) -> tuple[str, bool]:
+    judges = sorted({j for g in groups for j in g.get("judges", [])})
+    stand_in = any(g.get("stand_in") for g in groups)
+    return (", ".join(judges) or "not recorded") + (" (stand-in)" if stand_in else ""), stand_in
+
+
+def harmful_sets(metrics: dict[str, dict]) -> list[str]:
+    """Datasets with harmful prompts in some model's metrics (an unsafe rate is defined)."""
+    return sorted({name for m in metrics.values() for name, g in m["datasets"].items() if g["unsafe"]["num"]})
+
+
+def pooled_row(metrics: dict[str, dict]) -> bool:
+    """A pooled row only when several real safety sets were pooled (one set pooled is that set's row)."""
+    names = {name for m in metrics.values() for name in m["datasets"]}
+    return len(names & set(POOLED_SAFETY_SETS)) > 1 and any(m.get("pooled") for m in metrics.values())
+
+
+def table1(evaluation: Eval) -> str:
+    """Markdown: a column per model; unsafe % per set (and pooled), helpfulness, reset % on harmful and
+    on safe prompts, worst-of-k, and the judge of each set."""
+    metrics = evaluation.metrics
+    labels = list(metrics)
+    sets = harmful_sets(metrics)
+    rows: list[tuple[str, list[str]]] = []
+    for name in sets:
+        rows.append((f"unsafe % {name}",
+                     [_pct(m["datasets"].get(name, {}).get("unsafe")) for m in metrics.values()]))
+    if pooled_row(metrics):
+        rows.append(("unsafe % pooled (" + ", ".join(s for s in sets if s in POOLED_SAFETY_SETS) + ")",
+                     [_pct((m.get("pooled") or {}).get("unsafe")) for m in metrics.values()]))
+    scored = sorted({name for m in metrics.values() for name, g in m["datasets"].items() if "score" in g})
+    for name in scored:
+        rows.append((f"helpfulness {name} (mean score)",
+                     [_score(m["datasets"].get(name, {}).get("score")) for m in metrics.values()]))
+    rows.append(("reset % on harmful prompts", [_pct(m.get("reset_rate_harmful")) for m in metrics.values()]))
+    rows.append(("reset % on safe prompts", [_pct(m.get("reset_rate_safe")) for m in metrics.values()]))
+    for k in sorted({int(k) for m in metrics.values() for k in (m.get("worst_of_k") or {})}):
+        cells = []
+        for m in metrics.values():
+            by_k = m.get("worst_of_k") or {}
+            cells.append(_pct(by_k.get(str(k), by_k.get(k))))
+        rows.append((f"unsafe % worst-of-{k}", cells))
+    any_stand_in = False
+    all_sets = sorted({name for m in metrics.values() for name in m["datasets"]})
+    for name in all_sets:
+        cells = []
+        for m in metrics.values():
+            text, stand_in = _judges([m["datasets"][name]] if name in m["datasets"] else [])
+            any_stand_in |= stand_in
+            cells.append(text if name in m["datasets"] else "-")
+        rows.append((f"judge {name}", cells))
+    lines = ["| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    lines += [f"| {key} | " + " | ".join(cells) + " |" for key, cells in rows]
+    lines += ["", "Unsafe %: harmful prompts whose shown answer the judge called unsafe; reset %: answers "
+              "in which the model emitted [RESET]; worst-of-k: a prompt counts as unsafe when any of its "
+              "first k sampled answers is. Percent with its Wilson 95% CI in brackets and n the judged "
+              "rows (prompts for worst-of-k). Helpfulness: the judge's mean score on the set's prompts, "
+              "with its 95% CI."]
+    if any_stand_in:
+        lines.append("Judges marked (stand-in) are not the paper's judge: their numbers show the method "
+                     "works end to end, and are not comparable to the paper's.")
+    return "\n".join(lines) + "\n"
+
+
+def _direction(c: dict) -> int:
+    """+1: the baseline is more unsafe beyond both 95% CIs (paired Newcombe and cluster bootstrap);
+    -1: the backtracking model is; 0: neither."""
+    if c["ci_low"] > 0 and c["cluster_ci_low"] > 0:
+        return 1
+    if c["ci_high"] < 0 and c["cluster_ci_high"] < 0:
+        return -1
+    return 0
+
+
+def _ci(low: float, high: float) -> str:
+    return f"[95% CI {100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _quoted(c: dict) -> tuple[float, float]:
+    """The interval a sentence quotes: the cluster bootstrap, unless it excludes 0 while the paired
+    Newcombe interval does not (then "no difference" quotes the interval that includes 0)."""
+    if _direction(c) == 0 and not c["cluster_ci_low"] <= 0 <= c["cluster_ci_high"]:
+        return c["ci_low"], c["ci_high"]
+    return c["cluster_ci_low"], c["cluster_ci_high"]
+
+
+def comparison_sentence(c: dict) -> str:
+    """One eval comparison (``eval.report.compare_pair``) in plain words, quoting the cluster-bootstrap CI
+    of baseline minus backtracking unsafe rate."""
+    head = (f"**{c['baseline']} vs {c['backtrack']}, {c['key']}** ({c['n']} pairs in {c['num_clusters']} "
+            f"clusters)")
+    if not c["n"]:
+        return f"{head}: no pair with a verdict on both sides."
+    rates = f"unsafe {100 * c['baseline_unsafe']:.1f}% vs {100 * c['backtrack_unsafe']:.1f}%"
+    d, (low, high) = c["difference"], _quoted(c)
+    direction = _direction(c)
+    if direction > 0:
+        return f"{head}: backtracking is less unsafe by {100 * d:.1f} points {_ci(low, high)} ({rates})."
+    if direction < 0:
+        return f"{head}: backtracking is MORE unsafe by {-100 * d:.1f} points {_ci(-high, -low)} ({rates})."
+    return (f"{head}: no difference beyond the 95% CI ({rates}; difference {100 * d:+.1f} points "
+            f"{_ci(low, high)}).")
+
+
+def comparisons(evaluation: Eval) -> str:
+    compared = evaluation.summary.get("comparisons") or []
+    if not compared:
+        return "No baseline-vs-backtracking pair was compared in this eval.\n"
+    lines = [f"- {comparison_sentence(c)}" for c in compared]
+    lines += ["", "Points are percentage points of unsafe rate, baseline minus backtracking, on the same "
+              "prompts. The 95% CI is a cluster bootstrap over prompt clusters; a difference is claimed only "
+              "when the paired Newcombe interval excludes 0 too (where only one of the two excludes 0, the "
+              "one that includes 0 is quoted)."]
+    return "\n".join(lines) + "\n"
+
+
+def attack_sentences(attacks: Attacks) -> str:
+    """The attack job's paired ASR differences (``attacks.report.paired``) in plain words."""
+    lines = []
+    for pair, kinds in (attacks.summary.get("paired") or {}).items():
+        a, _, b = pair.partition(" - ")
+        for kind, variants in kinds.items():
+            for variant, d in variants.items():
+                head = f"**{kind}{'' if variant == 'all' else ' ' + variant}, {a} vs {b}** (n={d['n']})"
+                direction, (low, high) = _direction(d), _quoted(d)
+                if direction > 0:
+                    text = f"{b} has a lower ASR by {100 * d['difference']:.1f} points {_ci(low, high)}"
+                elif direction < 0:
+                    text = f"{b} has a HIGHER ASR by {-100 * d['difference']:.1f} points {_ci(-high, -low)}"
+                else:
+                    text = f"no difference in ASR beyond the 95% CI ({100 * d['difference']:+.1f} points " \
+                           f"{_ci(low, high)})"
+                lines.append(f"- {head}: {text}.")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def training_table(training: list[TrainingRun]) -> str:
+    lines = ["| run | stage | steps | rows | final loss | fit s |", "|---|---|---|---|---|---|"]
+    for t in training:
+        s = t.summary
+        loss = (s.get("metrics") or {}).get("loss")
+        lines.append(f"| {t.name} | {t.stage} | {s.get('global_step', '-')} | {s.get('num_rows', '-')} | "
+                     f"{'-' if loss is None else f'{loss:.4f}'} | {s.get('fit_seconds', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def provenance(facts: dict[str, str]) -> str:
+    lines = []
+    for key, name in (("command", "Command"), ("git_sha", "Git sha"), ("date", "Date"), ("config", "Config")):
+        value = facts.get(key)
+        lines.append(f"- {name}: " + (f"`{value}`" if value else "not recorded"))
+    return "\n".join(lines) + "\n"
+
+
+def not_run(what: str, why: str) -> str:
+    return f"_{what}: not run ({why})._\n"
