@@ -62,7 +62,10 @@ class EngineCfg:
     batches_per_actor: int | None = None
     """Ray Data batches each generation actor works on at once, each in its own thread: on vLLM their
     requests share one continuous batch, so the engine never idles between batches. null: 4 on vLLM,
-    1 on HF (transformers generate cannot batch across calls; > 1 on HF is an error)."""
+    1 on HF (transformers generate cannot batch across calls; > 1 on HF is an error). Above 1, which
+    requests share an engine step depends on timing, so a few rows' floats (and, rarely, tokens) vary
+    run to run, as on any continuously batching server; 1 keeps every batch fixed: rows reproduce
+    bit for bit."""
     num_cpus_per_actor: float = 1.0
     """Logical CPUs each generation actor asks Ray for."""
     num_gpus_per_actor: float = 0.0
