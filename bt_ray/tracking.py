@@ -25,10 +25,29 @@ log into the wrong run. One client per store and process (``client``).
 
 A stage's run id is kept in ``<run dir>/mlflow_run_id``: restarting a stage from its run dir reopens
 the same run.
+
+Pipeline lineage (``jobs/pipeline.py`` runs the stage jobs in one process after exporting):
+
+* ``$MLFLOW_EXPERIMENT_NAME``: the pipeline's experiment. Every job's experiment field goes through
+  ``experiment_name``: the variable wins over a field left at its default; a field set to another
+  value is an error naming both (a user's explicit choice is never silently overridden);
+* ``$BT_RAY_PARENT_RUN_ID``: the pipeline's parent run. ``Run.start`` without a ``parent`` makes the
+  run its child (so a training stage, an eval's or an attack's top run nest under the pipeline's run);
+  the parent must live in the store and experiment the run goes to, else an error;
+* ``Run.start(..., reuse=True)`` (eval and attack runs): a run with the same name under the same
+  parent is reopened, not duplicated, so a crashed stage (its run FAILED) is rerun in the same run;
+  a reopened run keeps the params it first logged (``log_params`` skips those it holds). Without a
+  parent there is nothing to key on and a new run starts. Training reopens its run from the run id
+  file instead, and a reopened run keeps its parent tag.
+
+Walking from a number to the run that made it: an eval or attack run's ``lineage.train_run_id`` is
+the training run (``get_run``), whose ``final_model`` tag equals the eval's ``lineage.model_dir``; a DPO
+run's own ``lineage.*`` tags name the SFT run it started from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -36,6 +55,12 @@ from pathlib import Path
 from typing import Any
 
 RUN_ID_FILE = "mlflow_run_id"
+# What jobs/pipeline.py exports before it runs the stage jobs (see the module docstring).
+ENV_EXPERIMENT = "MLFLOW_EXPERIMENT_NAME"
+ENV_PARENT_RUN_ID = "BT_RAY_PARENT_RUN_ID"
+TAG_PARENT_RUN_ID = "mlflow.parentRunId"
+# A training run's final model dir (absolute): what ``lineage.model_dir`` of a run using it equals.
+TAG_FINAL_MODEL = "final_model"
 # MLflow's limits (mlflow.utils.validation): 6000 characters per param value, 250 per key,
 # 100 params per log_batch call.
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -94,6 +119,36 @@ def experiment_id(tracking_uri: str, name: str, artifact_dir: str | Path) -> str
     return client(tracking_uri).create_experiment(name, artifact_location=artifact_location)
 
 
+def experiment_name(owner: Any, field_name: str, where: str | None = None) -> str:
+    """The experiment a job logs into, from its config field ``owner.<field_name>`` and the pipeline's.
+
+    Precedence: with ``$MLFLOW_EXPERIMENT_NAME`` set (the pipeline's experiment), it wins over a field
+    left at its dataclass default (each job has its own default, e.g. ``bt-ray-eval``); a field set to
+    the same name is fine; a field set to another name is an error naming both, since silently
+    logging elsewhere than a user asked would be wrong either way. Without the variable: the field.
+
+    Args:
+        owner: the config dataclass holding the field (``cfg`` or ``cfg.mlflow``).
+        field_name: the field (``mlflow_experiment``, ``experiment``).
+        where: the field's dotted name for the error (default ``field_name``).
+
+    Raises:
+        ConfigError: the field is set, not to its default, and differs from the variable.
+    """
+    from bt_ray.config import ConfigError
+
+    value = getattr(owner, field_name)
+    env = os.environ.get(ENV_EXPERIMENT)
+    if not env or value == env:
+        return value
+    default = next(f.default for f in dataclasses.fields(owner) if f.name == field_name)
+    if value == default:
+        return env
+    raise ConfigError([f"{where or field_name}={value!r} disagrees with ${ENV_EXPERIMENT}={env!r} (the "
+                       f"pipeline's experiment): leave {where or field_name} at its default ({default!r}) "
+                       f"or set it to {env!r}, or unset ${ENV_EXPERIMENT}"])
+
+
 def cap_params(flat: dict[str, Any]) -> dict[str, str]:
     """Params as MLflow accepts them: string values and keys cut to MLflow's length limits."""
     out = {}
@@ -116,35 +171,51 @@ class Run:
         run_id: an existing run's id.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, tracking_uri: str, run_id: str, resumed: bool = False):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.resumed = resumed
+        """True when the run was reopened (``start(reuse=True)``, a ``StageRun``'s restart)."""
         self._client = client(tracking_uri)
 
     @classmethod
     def start(cls, tracking_uri: str, experiment: str, run_name: str, artifact_dir: str | Path,
-              parent: Run | None = None, tags: dict[str, Any] | None = None) -> Run:
-        """A new run in ``experiment`` (created with ``artifact_dir``), a child of ``parent`` if given.
+              parent: Run | None = None, tags: dict[str, Any] | None = None, reuse: bool = False) -> Run:
+        """A run in ``experiment`` (created with ``artifact_dir``), a child of ``parent`` if given, else of
+        ``$BT_RAY_PARENT_RUN_ID`` if set (the pipeline's run; it must be in this store and experiment).
 
-        The run carries MLflow's context tags (user, source, git commit), as ``mlflow.start_run`` adds.
+        ``reuse``: reopen (status RUNNING again, tags updated) the oldest live run named ``run_name``
+        under the same parent instead of creating another; with no parent a new run starts. The run
+        carries MLflow's context tags (user, source, git commit), as ``mlflow.start_run`` adds.
+
+        Raises:
+            ValueError: ``$BT_RAY_PARENT_RUN_ID`` names no run of this store, or one in another
+                experiment (MLflow nests runs only within an experiment).
         """
         from mlflow.tracking.context.registry import resolve_tags
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        all_tags = {k: str(v) for k, v in (tags or {}).items()}
-        if parent is not None:
-            all_tags[MLFLOW_PARENT_RUN_ID] = parent.run_id
         exp_id = experiment_id(tracking_uri, experiment, artifact_dir)
+        parent_id = parent.run_id if parent is not None else _env_parent(tracking_uri, exp_id, experiment)
+        all_tags = {k: str(v) for k, v in (tags or {}).items()}
+        if parent_id is not None:
+            all_tags[TAG_PARENT_RUN_ID] = parent_id
+        if reuse and parent_id is not None:
+            found = _child_named(tracking_uri, exp_id, parent_id, run_name)
+            if found is not None:
+                run = cls(tracking_uri, found, resumed=True)
+                run._client.update_run(found, status="RUNNING")
+                run.set_tags(all_tags)
+                return run
         created = client(tracking_uri).create_run(exp_id, run_name=run_name, tags=resolve_tags(all_tags))
         return cls(tracking_uri, created.info.run_id)
 
     def log_params(self, params: dict[str, Any], skip_logged: bool = False) -> None:
-        """Params capped to MLflow's limits. ``skip_logged``: keep the values a reopened run already has
-        (MLflow rejects re-logging a param with a new value)."""
+        """Params capped to MLflow's limits. ``skip_logged`` (always for a reused run): keep the values a
+        reopened run already has (MLflow rejects re-logging a param with a new value)."""
         from mlflow.entities import Param
 
         capped = cap_params(params)
-        logged = self._client.get_run(self.run_id).data.params if skip_logged else {}
+        logged = self._client.get_run(self.run_id).data.params if skip_logged or self.resumed else {}
         new = [Param(k, v) for k, v in capped.items() if k not in logged]
         for i in range(0, len(new), MAX_PARAMS_PER_BATCH):
             self._client.log_batch(self.run_id, params=new[i: i + MAX_PARAMS_PER_BATCH])
@@ -170,6 +241,33 @@ class Run:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.end("FINISHED" if exc_type is None else "FAILED")
+
+
+def _env_parent(tracking_uri: str, exp_id: str, experiment: str) -> str | None:
+    """``$BT_RAY_PARENT_RUN_ID`` checked: a live run of this store in experiment ``exp_id``; or None."""
+    run_id = os.environ.get(ENV_PARENT_RUN_ID)
+    if not run_id:
+        return None
+    run = _reopenable(client(tracking_uri), run_id)
+    if run is None:
+        raise ValueError(f"${ENV_PARENT_RUN_ID}={run_id} is not a live run of the MLflow store "
+                         f"{tracking_uri} (set $MLFLOW_TRACKING_URI to the pipeline's store)")
+    if run.info.experiment_id != exp_id:
+        found = client(tracking_uri).get_experiment(run.info.experiment_id).name
+        raise ValueError(f"${ENV_PARENT_RUN_ID}={run_id} is in experiment {found!r}, but this run goes to "
+                         f"{experiment!r}; set ${ENV_EXPERIMENT}={found!r} (and leave the job's experiment "
+                         f"at its default)")
+    return run_id
+
+
+def _child_named(tracking_uri: str, exp_id: str, parent_id: str, run_name: str) -> str | None:
+    """The oldest live run named ``run_name`` whose parent is ``parent_id``, or None."""
+    q = '"' if "'" in run_name else "'"  # MLflow's filter strings have no escapes
+    found = client(tracking_uri).search_runs(
+        [exp_id], filter_string=f"tags.`{TAG_PARENT_RUN_ID}` = '{parent_id}' and "
+                                f"attributes.run_name = {q}{run_name}{q}",
+        order_by=["attributes.start_time ASC"], max_results=1)
+    return found[0].info.run_id if found else None
 
 
 def _reopenable(client, run_id: str):
@@ -206,7 +304,6 @@ class StageRun(Run):
         self.run_dir = Path(run_dir)
         id_file = self.run_dir / RUN_ID_FILE
         run = _reopenable(client(tracking_uri), id_file.read_text().strip()) if id_file.is_file() else None
-        self.resumed = run is not None
         if run is not None:
             found = client(tracking_uri).get_experiment(run.info.experiment_id).name
             if found != experiment:  # MLflow cannot move a run; never log into an experiment not asked for
@@ -215,7 +312,7 @@ class StageRun(Run):
                     f"mlflow.experiment is {experiment!r}; keep {found!r} to resume, or choose another "
                     f"run.name to start over"
                 )
-            super().__init__(tracking_uri, run.info.run_id)
+            super().__init__(tracking_uri, run.info.run_id, resumed=True)
             self._client.update_run(self.run_id, status="RUNNING")
         else:
             artifact_dir = self.run_dir.parent / "mlartifacts" / experiment

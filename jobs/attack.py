@@ -75,8 +75,9 @@ def main(cfg: AttackJobCfg) -> dict:
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False, log_to_driver=False)
     uri = tracking.resolve_tracking_uri(None, run_dir)
-    store = dict(tracking_uri=uri, experiment=cfg.mlflow_experiment,
-                 artifact_dir=run_dir / "mlflow-artifacts")
+    # under the pipeline's run in a pipeline; a rerun reuses the runs of the same name there
+    store = dict(tracking_uri=uri, experiment=tracking.experiment_name(cfg, "mlflow_experiment"),
+                 artifact_dir=run_dir / "mlflow-artifacts", reuse=True)
     synthetic_judge = cfg.behaviours.dataset == "synthetic" and cfg.judge.synthetic_exact
     params = {k: str(v)[:500] for k, v in config.flatten(config.to_dict(cfg)).items()}
     tags = {"stage": "attack", "attack": kind, "git_sha": config.git_sha()}

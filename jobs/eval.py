@@ -133,7 +133,8 @@ def main(cfg: EvalCfg) -> dict:
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
     uri = tracking.resolve_tracking_uri(None, run_dir)
-    print(f"-- MLflow store {uri}, experiment {cfg.mlflow_experiment} (mlflow ui --backend-store-uri {uri})")
+    experiment = tracking.experiment_name(cfg, "mlflow_experiment")  # or the pipeline's
+    print(f"-- MLflow store {uri}, experiment {experiment} (mlflow ui --backend-store-uri {uri})")
     items = load_items(cfg)
     print(f"-- {len(items)} prompts: " + ", ".join(f"{d.name}" + (f"[:{d.limit}]" if d.limit else "")
                                                   for d in cfg.datasets))
@@ -141,9 +142,10 @@ def main(cfg: EvalCfg) -> dict:
     params["engine.resolved"] = engine
 
     results, sweeps, run_ids = {}, {}, {}
-    # One run per model, under one parent run when there are several; each ends FAILED if it raises.
-    store = dict(tracking_uri=uri, experiment=cfg.mlflow_experiment,
-                 artifact_dir=run_dir / "mlflow-artifacts")
+    # One run per model, under one parent run when there are several (and under the pipeline's run in a
+    # pipeline); each ends FAILED if it raises, and a rerun reuses the runs of the same name there.
+    store = dict(tracking_uri=uri, experiment=experiment, artifact_dir=run_dir / "mlflow-artifacts",
+                 reuse=True)
     tags = {"stage": "eval", "git_sha": config.git_sha()}
     with contextlib.ExitStack() as stack:
         parent = None
@@ -194,7 +196,7 @@ def main(cfg: EvalCfg) -> dict:
         "models": {label: {"name": name, "rows": str(run_dir / label / "main" / "rows.jsonl"),
                            "metrics": results[label], "mlflow_run_id": run_ids[label]}
                    for label, name in zip(labels, cfg.models)},
-        "mlflow": {"tracking_uri": uri, "experiment": cfg.mlflow_experiment,
+        "mlflow": {"tracking_uri": uri, "experiment": experiment,
                    "parent_run_id": parent.run_id if parent else None},
         "figures": figures,
         "table": table,

@@ -75,12 +75,13 @@ def main(cfg: SweepCfg) -> dict:
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False, runtime_env={"env_vars": worker_env()})
     max_concurrent = concurrency(cfg, jobs, ray.cluster_resources())  # or: a trial that cannot fit
-    print(f"-- {max_concurrent} trial(s) at once; MLflow store {uri}, experiment {cfg.mlflow_experiment}")
+    experiment = tracking.experiment_name(cfg, "mlflow_experiment")  # or the pipeline's (as trial_configs)
+    print(f"-- {max_concurrent} trial(s) at once; MLflow store {uri}, experiment {experiment}")
     # ---- 3. the parent MLflow run (reopened on restore), then the trials
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = config.dump(cfg, run_dir / "config.yaml")
-    tracking.experiment_id(uri, cfg.mlflow_experiment, run_dir / "mlartifacts")  # artifacts in the sweep dir
-    parent = tracking.StageRun(uri, cfg.mlflow_experiment, run_dir, f"sweep:{run_dir.name}")
+    tracking.experiment_id(uri, experiment, run_dir / "mlartifacts")  # artifacts in the sweep dir
+    parent = tracking.StageRun(uri, experiment, run_dir, f"sweep:{run_dir.name}")
     parent.log_config(config.to_dict(cfg), config_path, {"stage": "sweep", "sweep.stage": cfg.stage,
                                                          "sweep.grid": cfg.grid, "git_sha": config.git_sha()})
     plan = {"stage": cfg.stage, "selection": config.to_dict(cfg.selection), "parent_run_id": parent.run_id,
@@ -117,7 +118,7 @@ def main(cfg: SweepCfg) -> dict:
                "mode": cfg.selection.mode, "best_trial": best["trial"], "best_model": str(link),
                "results": str(run_dir / "results.csv"), "heatmap": str(png), "loss_curves": str(curves),
                "table": table,
-               "mlflow": {"tracking_uri": uri, "experiment": cfg.mlflow_experiment,
+               "mlflow": {"tracking_uri": uri, "experiment": experiment,
                           "parent_run_id": parent.run_id}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(table)

@@ -67,10 +67,9 @@ def flat_metrics(summary: dict) -> dict[str, float]:
     for variant, s in summary.items():
         suffix = "" if variant == "all" else "_" + variant.replace("=", "")
         for name in ("asr", "reset_rate", "recovery_rate", "empty_shown_rate"):
-            if s[name]["rate"] is not None:
-                out[f"{name}{suffix}"] = s[name]["rate"]
-                out[f"{name}{suffix}_ci_low"] = s[name]["ci_low"]
-                out[f"{name}{suffix}_ci_high"] = s[name]["ci_high"]
+            for key, field in (("", "rate"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high")):
+                value = s[name][field]  # None (no judged row): NaN, so every model logs the same names
+                out[f"{name}{suffix}{key}"] = float("nan") if value is None else value
         out[f"num_errors{suffix}"] = s["num_errors"]
         for key, value in s["compute"].items():
             out[f"{key}{suffix}"] = value

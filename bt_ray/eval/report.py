@@ -14,6 +14,8 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
     out: dict[str, float] = {}
 
     def put(key: str, value) -> None:
+        if value is None:  # e.g. no kept token, so no latency: NaN keeps the names the same for every model
+            value = float("nan")
         if isinstance(value, bool):
             value = float(value)
         if isinstance(value, (int, float)):
@@ -25,9 +27,10 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
             put(f"{prefix}_ci_low", r["ci_low"])
             put(f"{prefix}_ci_high", r["ci_high"])
             put(f"{prefix}_n", r["num"])
-            put(f"{prefix}_clusters", r.get("num_clusters"))
-            put(f"{prefix}_cluster_ci_low", r.get("cluster_ci_low"))
-            put(f"{prefix}_cluster_ci_high", r.get("cluster_ci_high"))
+            put(f"{prefix}_clusters", r["num_clusters"])
+            if "cluster_ci_low" in r:  # rates bootstrapped by cluster (the same ones for every model)
+                put(f"{prefix}_cluster_ci_low", r["cluster_ci_low"])
+                put(f"{prefix}_cluster_ci_high", r["cluster_ci_high"])
 
     groups = dict(metrics["datasets"])
     if metrics.get("pooled"):

@@ -44,7 +44,7 @@ def run_stage(cfg: SFTJobCfg | DPOJobCfg) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from bt_ray.tracking import StageRun, resolve_tracking_uri
+    from bt_ray.tracking import StageRun, experiment_name, lineage_tags, resolve_tracking_uri
     from bt_ray.train import driver
     from bt_ray.train.loop import make_loop_config, train_loop_per_worker
 
@@ -80,10 +80,11 @@ def run_stage(cfg: SFTJobCfg | DPOJobCfg) -> dict:
     tracking, mlflow_info = None, None
     if cfg.mlflow.enabled:
         uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.run.root)
-        tracking = StageRun(uri, cfg.mlflow.experiment, run_dir, cfg.run.name)
+        experiment = experiment_name(cfg.mlflow, "experiment", "mlflow.experiment")  # or the pipeline's
+        tracking = StageRun(uri, experiment, run_dir, cfg.run.name)  # a child of the pipeline's run, if any
         tracking.log_config(config.to_dict(cfg), config_path, {
             "stage": stage, "recipe": cfg.data.recipe, "model": cfg.model.name, "git_sha": git_sha,
-        })
+        } | lineage_tags(cfg.model.name))  # DPO: the SFT model dir and the run that trained it
         mlflow_info = {"tracking_uri": uri, "run_id": tracking.run_id}
         print(f"   MLflow run {tracking.run_id} in {uri}{' (reopened)' if tracking.resumed else ''}")
 

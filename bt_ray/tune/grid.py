@@ -135,14 +135,15 @@ def trial_configs(cfg: SweepCfg) -> tuple[dict[str, Any], str]:
     """
     import dataclasses
 
-    from bt_ray.tracking import resolve_tracking_uri
+    from bt_ray.tracking import experiment_name, resolve_tracking_uri
     from bt_ray.train.config import JOB_CONFIGS
 
     if not Path(cfg.base_config).is_file():
         raise ConfigError([f"base_config: file not found: {cfg.base_config}"])
     _, fixed = grid_of(cfg)
     cls = JOB_CONFIGS[cfg.stage]
-    where = [f"run.root={trials_root(cfg)}", f"mlflow.experiment={cfg.mlflow_experiment}"]
+    experiment = experiment_name(cfg, "mlflow_experiment")  # or the pipeline's
+    where = [f"run.root={trials_root(cfg)}", f"mlflow.experiment={experiment}"]
     out, problems = {}, {}
     for trial in expand(cfg):
         overrides = [*cfg.base_overrides, *fixed, *trial.overrides(), *where, f"run.name={trial.name}"]
