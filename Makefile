@@ -59,7 +59,7 @@ endif
 	touch $@
 
 demo: $(STAMP)
-	$(PY) jobs/demo.py --config jobs/configs/demo.yaml
+	$(PY) jobs/pipeline.py --preset demo
 
 # The demo's backtracking model behind the OpenAI-compatible API on 127.0.0.1:8000 (make demo first).
 serve: $(STAMP)

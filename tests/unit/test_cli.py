@@ -134,7 +134,7 @@ def test_config_with_unknown_key_and_wrong_type_reports_both(tmp_path):
 
 
 @pytest.mark.parametrize("name,cfg_class", [("sft", "SFTJobCfg"), ("dpo", "DPOJobCfg"), ("eval", "EvalCfg"),
-                                            ("demo", "DemoCfg")])
+                                            ("pipeline", "PipelineCfg"), ("demo", "PipelineCfg")])
 def test_job_subcommands_parse_like_their_job_script(name, cfg_class):
     """``bt-ray <job> --help`` is the job script's own parser (``bt_ray.config.parse_job_args``)."""
     via_cli = run(name, "--help")

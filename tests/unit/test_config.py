@@ -98,13 +98,13 @@ def test_missing_config_file():
 def _config_classes():
     """Config class of each job, keyed by the prefix of its YAML names (sft_*.yaml -> SFTJobCfg, ...)."""
     from bt_ray.attacks.config import AttackJobCfg
-    from bt_ray.demo import DemoCfg
     from bt_ray.eval.config import EvalCfg
+    from bt_ray.pipeline.config import PipelineCfg
     from bt_ray.serve.config import ServeCfg
     from bt_ray.train.config import JOB_CONFIGS
     from bt_ray.tune.config import SweepCfg
 
-    return {"data": DataBuildCfg, "demo": DemoCfg, **JOB_CONFIGS, "eval": EvalCfg, "serve": ServeCfg,
+    return {"data": DataBuildCfg, "pipeline": PipelineCfg, **JOB_CONFIGS, "eval": EvalCfg, "serve": ServeCfg,
             "attack": AttackJobCfg, "sweep": SweepCfg}
 
 
