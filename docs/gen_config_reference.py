@@ -25,7 +25,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 # The root configs, one per job: (title, "module:Class", the entry script and its command).
 # Add a job's config here; the classes it nests are found by themselves.
 ROOTS: tuple[tuple[str, str, str], ...] = (
-    ("Demo", "bt_ray.demo:DemoCfg", "jobs/demo.py (make demo)"),
+    ("Pipeline", "bt_ray.pipeline.config:PipelineCfg", "jobs/pipeline.py (make demo, bt-ray pipeline)"),
     ("SFT job", "bt_ray.train.config:SFTJobCfg", "jobs/sft.py (bt-ray sft)"),
     ("DPO job", "bt_ray.train.config:DPOJobCfg", "jobs/dpo.py (bt-ray dpo)"),
     ("Sweep", "bt_ray.tune.config:SweepCfg", "jobs/sweep.py (bt-ray sweep)"),
