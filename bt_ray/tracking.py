@@ -34,11 +34,14 @@ Pipeline lineage (``jobs/pipeline.py`` runs the stage jobs in one process after 
 * ``$BT_RAY_PARENT_RUN_ID``: the pipeline's parent run. ``Run.start`` without a ``parent`` makes the
   run its child (so a training stage, an eval's or an attack's top run nest under the pipeline's run);
   the parent must live in the store and experiment the run goes to, else an error;
-* ``Run.start(..., reuse=True)`` (eval and attack runs): a run with the same name under the same
-  parent is reopened, not duplicated, so a crashed stage (its run FAILED) is rerun in the same run;
-  a reopened run keeps the params it first logged (``log_params`` skips those it holds). Without a
-  parent there is nothing to key on and a new run starts. Training reopens its run from the run id
-  file instead, and a reopened run keeps its parent tag.
+* ``Run.start(..., reuse_key=K)`` (eval and attack runs; K names the job's run dir and the run's
+  role in it, e.g. ``eval:<run dir>:<label>``): the run under the same parent whose ``bt_ray.reuse_key``
+  tag is K is reopened, not duplicated, so a crashed stage (its run FAILED) is rerun in the same run.
+  A tag, not the run name: an eval's run is named after its model's label, which is often also the
+  name of the training run beside it under the pipeline's run. A reopened run keeps the params it
+  first logged (``log_params`` skips those it holds). Without a parent there is nothing to key on and
+  a new run starts. Training reopens its run from the run id file instead; a reopened run keeps its
+  parent tag.
 
 Walking from a number to the run that made it: an eval or attack run's ``lineage.train_run_id`` is
 the training run (``get_run``), whose ``final_model`` tag equals the eval's ``lineage.model_dir``; a DPO
@@ -61,6 +64,7 @@ ENV_PARENT_RUN_ID = "BT_RAY_PARENT_RUN_ID"
 TAG_PARENT_RUN_ID = "mlflow.parentRunId"
 # A training run's final model dir (absolute): what ``lineage.model_dir`` of a run using it equals.
 TAG_FINAL_MODEL = "final_model"
+TAG_REUSE_KEY = "bt_ray.reuse_key"
 # MLflow's limits (mlflow.utils.validation): 6000 characters per param value, 250 per key,
 # 100 params per log_batch call.
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -175,17 +179,18 @@ class Run:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.resumed = resumed
-        """True when the run was reopened (``start(reuse=True)``, a ``StageRun``'s restart)."""
+        """True when the run was reopened (``start(reuse_key=...)``, a ``StageRun``'s restart)."""
         self._client = client(tracking_uri)
 
     @classmethod
     def start(cls, tracking_uri: str, experiment: str, run_name: str, artifact_dir: str | Path,
-              parent: Run | None = None, tags: dict[str, Any] | None = None, reuse: bool = False) -> Run:
+              parent: Run | None = None, tags: dict[str, Any] | None = None,
+              reuse_key: str | None = None) -> Run:
         """A run in ``experiment`` (created with ``artifact_dir``), a child of ``parent`` if given, else of
         ``$BT_RAY_PARENT_RUN_ID`` if set (the pipeline's run; it must be in this store and experiment).
 
-        ``reuse``: reopen (status RUNNING again, tags updated) the oldest live run named ``run_name``
-        under the same parent instead of creating another; with no parent a new run starts. The run
+        ``reuse_key``: reopen (status RUNNING again, tags updated) the oldest live run tagged with this
+        key under the same parent instead of creating another; with no parent a new run starts. The run
         carries MLflow's context tags (user, source, git commit), as ``mlflow.start_run`` adds.
 
         Raises:
@@ -199,8 +204,10 @@ class Run:
         all_tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent_id is not None:
             all_tags[TAG_PARENT_RUN_ID] = parent_id
-        if reuse and parent_id is not None:
-            found = _child_named(tracking_uri, exp_id, parent_id, run_name)
+        if reuse_key is not None:
+            all_tags[TAG_REUSE_KEY] = reuse_key
+        if reuse_key is not None and parent_id is not None:
+            found = _child_keyed(tracking_uri, exp_id, parent_id, reuse_key)
             if found is not None:
                 run = cls(tracking_uri, found, resumed=True)
                 run._client.update_run(found, status="RUNNING")
@@ -260,12 +267,12 @@ def _env_parent(tracking_uri: str, exp_id: str, experiment: str) -> str | None:
     return run_id
 
 
-def _child_named(tracking_uri: str, exp_id: str, parent_id: str, run_name: str) -> str | None:
-    """The oldest live run named ``run_name`` whose parent is ``parent_id``, or None."""
-    q = '"' if "'" in run_name else "'"  # MLflow's filter strings have no escapes
+def _child_keyed(tracking_uri: str, exp_id: str, parent_id: str, key: str) -> str | None:
+    """The oldest live run tagged ``bt_ray.reuse_key`` = ``key`` whose parent is ``parent_id``, or None."""
+    q = '"' if "'" in key else "'"  # MLflow's filter strings have no escapes
     found = client(tracking_uri).search_runs(
         [exp_id], filter_string=f"tags.`{TAG_PARENT_RUN_ID}` = '{parent_id}' and "
-                                f"attributes.run_name = {q}{run_name}{q}",
+                                f"tags.`{TAG_REUSE_KEY}` = {q}{key}{q}",
         order_by=["attributes.start_time ASC"], max_results=1)
     return found[0].info.run_id if found else None
 

@@ -75,14 +75,15 @@ def main(cfg: AttackJobCfg) -> dict:
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False, log_to_driver=False)
     uri = tracking.resolve_tracking_uri(None, run_dir)
-    # under the pipeline's run in a pipeline; a rerun reuses the runs of the same name there
+    # under the pipeline's run in a pipeline; a rerun there reuses the runs (keyed by run dir, attack, label)
     store = dict(tracking_uri=uri, experiment=tracking.experiment_name(cfg, "mlflow_experiment"),
-                 artifact_dir=run_dir / "mlflow-artifacts", reuse=True)
+                 artifact_dir=run_dir / "mlflow-artifacts")
+    key = f"attack:{run_dir.resolve()}:{kind}"
     synthetic_judge = cfg.behaviours.dataset == "synthetic" and cfg.judge.synthetic_exact
     params = {k: str(v)[:500] for k, v in config.flatten(config.to_dict(cfg)).items()}
     tags = {"stage": "attack", "attack": kind, "git_sha": config.git_sha()}
     summaries = {}
-    with tracking.Run.start(**store, run_name=f"attack:{kind}", tags=tags) as parent:
+    with tracking.Run.start(**store, run_name=f"attack:{kind}", tags=tags, reuse_key=key) as parent:
         parent.log_params(params)
         for label, name in zip(labels, cfg.models):
             out = run_dir / label / kind
@@ -92,7 +93,8 @@ def main(cfg: AttackJobCfg) -> dict:
                       "(skipped)")
             model = dataclasses.replace(cfg.model, name=name)
             with tracking.Run.start(**store, run_name=f"{kind}:{label}", parent=parent,
-                                    tags=tags | {"model": name} | tracking.lineage_tags(name)) as run:
+                                    tags=tags | {"model": name} | tracking.lineage_tags(name),
+                                    reuse_key=f"{key}:{label}") as run:
                 run.log_params(params | {"model.name": name, "model.label": label})
                 run_attack(model, label, cfg.attack, behaviours, cfg.decode, cfg.judge, synthetic_judge,
                            results)

@@ -143,15 +143,15 @@ def main(cfg: EvalCfg) -> dict:
 
     results, sweeps, run_ids = {}, {}, {}
     # One run per model, under one parent run when there are several (and under the pipeline's run in a
-    # pipeline); each ends FAILED if it raises, and a rerun reuses the runs of the same name there.
-    store = dict(tracking_uri=uri, experiment=experiment, artifact_dir=run_dir / "mlflow-artifacts",
-                 reuse=True)
+    # pipeline); each ends FAILED if it raises, and a rerun there reuses them (keyed by run dir and label).
+    store = dict(tracking_uri=uri, experiment=experiment, artifact_dir=run_dir / "mlflow-artifacts")
+    key = f"eval:{run_dir.resolve()}"
     tags = {"stage": "eval", "git_sha": config.git_sha()}
     with contextlib.ExitStack() as stack:
         parent = None
         if len(labels) > 1:
             parent = stack.enter_context(
-                tracking.Run.start(**store, run_name=f"eval:{run_dir.name}", tags=tags))
+                tracking.Run.start(**store, run_name=f"eval:{run_dir.name}", tags=tags, reuse_key=key))
         passes = passes_of(cfg, labels, items)
         t0 = time.perf_counter()
         print(f"-- {len(passes)} passes ({len(labels)} models), {sum(len(p.rows) for p in passes)} rows: "
@@ -160,7 +160,7 @@ def main(cfg: EvalCfg) -> dict:
         print(f"-- generated and judged in {time.perf_counter() - t0:.0f}s")
         for label, name in zip(labels, cfg.models):
             lineage = tracking.lineage_tags(name)  # the model dir and the training run that made it
-            with tracking.Run.start(**store, run_name=label, parent=parent,
+            with tracking.Run.start(**store, run_name=label, parent=parent, reuse_key=f"{key}:{label}",
                                     tags=tags | {"model": name} | lineage) as run:
                 run.log_params(params | {"model.name": name, "model.label": label})
                 metrics, sweep = write_one(cfg, label, name, run_dir / label, done)

@@ -58,13 +58,14 @@ def _train(p, name: str, start_model: str) -> tuple[tracking.StageRun, str]:
 def _eval(p, models: dict[str, str]) -> dict[str, str]:
     """Eval runs as ``jobs/eval.py`` opens them: a parent for several models, a child per model."""
     experiment = tracking.experiment_name(EvalCfg(), "mlflow_experiment")
-    store = dict(tracking_uri=p.uri, experiment=experiment, artifact_dir=p.root / "eval" / "mlflow-artifacts",
-                 reuse=True)
+    store = dict(tracking_uri=p.uri, experiment=experiment, artifact_dir=p.root / "eval" / "mlflow-artifacts")
+    key = f"eval:{p.root / 'eval'}"
     ids = {}
-    with tracking.Run.start(**store, run_name="eval:eval", tags={"stage": "eval"}) as parent:
+    with tracking.Run.start(**store, run_name="eval:eval", tags={"stage": "eval"}, reuse_key=key) as parent:
         for label, name in models.items():
             tags = {"stage": "eval", "model": name} | tracking.lineage_tags(name)
-            with tracking.Run.start(**store, run_name=label, parent=parent, tags=tags) as run:
+            with tracking.Run.start(**store, run_name=label, parent=parent, tags=tags,
+                                    reuse_key=f"{key}:{label}") as run:
                 run.log_metrics({"synthetic.unsafe_rate": 0.25})
                 ids[label] = run.run_id
     ids["parent"] = parent.run_id
@@ -103,7 +104,8 @@ def test_an_eval_run_walks_to_the_training_runs_under_one_pipeline_run(pipeline)
 
 def test_a_crashed_stage_run_is_failed_and_its_rerun_reuses_it(pipeline):
     p = pipeline
-    store = dict(tracking_uri=p.uri, experiment=PIPELINE_EXPERIMENT, artifact_dir=p.root / "art", reuse=True)
+    store = dict(tracking_uri=p.uri, experiment=PIPELINE_EXPERIMENT, artifact_dir=p.root / "art",
+                 reuse_key=f"attack:{p.root}:prefill")
     with pytest.raises(RuntimeError, match="judge died"):
         with tracking.Run.start(**store, run_name="attack:prefill") as run:
             run.log_params({"attack.kind": "prefill", "seed": 0})
@@ -119,9 +121,23 @@ def test_a_crashed_stage_run_is_failed_and_its_rerun_reuses_it(pipeline):
     assert done.info.status == "FINISHED" and done.data.params["seed"] == "0"
     named = p.client.search_runs([first.info.experiment_id], "attributes.run_name = 'attack:prefill'")
     assert [r.info.run_id for r in named] == [run.run_id]
-    # the same name under another parent is another run
+    # the same key under another parent, or another key (another run dir) with the same name: new runs
     with tracking.Run.start(**store, run_name="attack:prefill", parent=again) as other:
         assert other.run_id != run.run_id and not other.resumed
+    store["reuse_key"] = f"attack:{p.root / 'elsewhere'}:prefill"
+    with tracking.Run.start(**store, run_name="attack:prefill") as elsewhere:
+        assert elsewhere.run_id != run.run_id and not elsewhere.resumed
+
+
+def test_an_eval_run_named_like_a_training_run_is_not_that_run(pipeline):
+    """Under the pipeline's run, a one-model eval's run and the training run share the label."""
+    p = pipeline
+    sft, model = _train(p, "sft-backtrack", "tiny")
+    experiment = tracking.experiment_name(EvalCfg(), "mlflow_experiment")
+    with tracking.Run.start(p.uri, experiment, "sft-backtrack", p.root, tags=tracking.lineage_tags(model),
+                            reuse_key=f"eval:{p.root / 'eval'}:sft-backtrack") as run:
+        assert run.run_id != sft.run_id and not run.resumed
+    assert p.client.get_run(run.run_id).data.tags[tracking.TAG_TRAIN_RUN_ID] == sft.run_id
 
 
 def test_a_resumed_training_run_stays_under_its_parent(pipeline, monkeypatch):
@@ -138,8 +154,8 @@ def test_without_a_pipeline_runs_are_top_level_and_not_reused(tmp_path, monkeypa
     monkeypatch.delenv(tracking.ENV_PARENT_RUN_ID, raising=False)
     monkeypatch.delenv(tracking.ENV_EXPERIMENT, raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    a = tracking.Run.start(uri, "bt-ray-eval", "baseline", tmp_path, reuse=True)
-    b = tracking.Run.start(uri, "bt-ray-eval", "baseline", tmp_path, reuse=True)
+    a = tracking.Run.start(uri, "bt-ray-eval", "baseline", tmp_path, reuse_key="eval:x:baseline")
+    b = tracking.Run.start(uri, "bt-ray-eval", "baseline", tmp_path, reuse_key="eval:x:baseline")
     assert a.run_id != b.run_id
     assert tracking.TAG_PARENT_RUN_ID not in tracking.client(uri).get_run(a.run_id).data.tags
 
