@@ -44,7 +44,7 @@ RAYJOBS = {
     "rayjob-sweep-paper-dpo.yaml": "sweep",
     "rayjob-eval-paper.yaml": "eval",
     "rayjob-attack-paper.yaml": "attack",
-    "rayjob-pipeline.yaml": "demo",  # the chain today; jobs/pipeline.py when it lands
+    "rayjob-pipeline.yaml": "pipeline",  # the demo preset on the CPU image
 }
 RAYSERVICE = "rayservice-llama3-8b.yaml"
 MANIFESTS = ["raycluster-h100.yaml", *RAYJOBS, RAYSERVICE]
@@ -137,7 +137,8 @@ def test_kuberay_manifest_validates_against_the_crd_schema(name):
 
 def test_every_job_has_a_rayjob_and_serve_a_rayservice():
     jobs = {p.stem for p in (REPO / "jobs").glob("*.py")}
-    assert jobs - {"serve"} <= set(RAYJOBS.values()) | {"pipeline"}, "a job without a RayJob"
+    # demo: an alias of the pipeline's demo preset (rayjob-pipeline.yaml)
+    assert jobs - {"serve", "demo"} <= set(RAYJOBS.values()), "a job without a RayJob"
     on_disk = {p.name for p in KUBERAY.glob("ray*.yaml")}
     assert on_disk == set(MANIFESTS), "a manifest this test does not know (add it to RAYJOBS)"
     assert _load(RAYSERVICE)["kind"] == "RayService"
@@ -273,11 +274,10 @@ def test_attack_cluster_runs_whole_behaviours_on_its_gpus(monkeypatch):
     assert cpus >= in_parallel * cfg.attack.num_cpus
 
 
-def test_pipeline_is_the_cpu_chain_until_jobs_pipeline_lands(monkeypatch):
+def test_pipeline_is_the_cpu_chain_of_the_demo_preset(monkeypatch):
     manifest = _load("rayjob-pipeline.yaml")
     job, cfg = _job_cfg("rayjob-pipeline.yaml", monkeypatch)
-    assert job == "demo" and not (REPO / "jobs" / "pipeline.py").exists(), \
-        "jobs/pipeline.py exists now: point rayjob-pipeline.yaml at it"
+    assert job == "pipeline" and cfg.preset == "demo"
     from bt_ray.train.config import DPOJobCfg, SFTJobCfg
 
     for cls, path in [(SFTJobCfg, cfg.sft_config), (DPOJobCfg, cfg.dpo_config)]:
