@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import runpy
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -58,6 +59,11 @@ def quiet(cfg: PipelineCfg) -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    import logging
+
+    import mlflow  # noqa: F401 - it sets its loggers up on import; quiet them after that
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # e.g. "Creating initial MLflow database tables"
     warnings.filterwarnings("ignore", message=".*gradient accumulation.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -231,7 +237,8 @@ def main(cfg: PipelineCfg) -> dict:
             status = "FINISHED"
     finally:
         parent.end(status)
-    summary = {"run_dir": str(run_dir), "preset": cfg.preset, **out,
+    summary = {"run_dir": str(run_dir), "preset": cfg.preset, "command": " ".join(sys.argv),
+               "git_sha": config.git_sha(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **out,
                "stages": {"ran": runner.ran, "skipped": runner.skipped},
                "mlflow": {"tracking_uri": uri, "experiment": cfg.experiment, "parent_run_id": parent.run_id}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

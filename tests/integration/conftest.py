@@ -11,6 +11,13 @@ import os
 
 import pytest
 
+# Overrides that make a training or eval job run in seconds (jobs run as subprocesses by several tests).
+SFT_FAST = ["data.synthetic.num_train_pairs=32", "data.max_length=256", "optim.global_batch_size=8",
+            "optim.micro_batch_size=2", "optim.max_steps=2", "run.save_steps=2", "model.tiny.num_layers=1",
+            "scaling.num_workers=1"]
+EVAL_FAST = ["engine.kind=hf", "engine.num_actors=1", "engine.batch_size=8", "decode.max_new_tokens=8",
+             "worst_of_k=[]", "bias_sweep=[]", "ray_num_cpus=2"]
+
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):

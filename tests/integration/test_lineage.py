@@ -15,15 +15,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.integration.conftest import EVAL_FAST as FAST_EVAL
+from tests.integration.conftest import SFT_FAST
 
 pytestmark = pytest.mark.integration
 
-SFT_FAST = ["data.synthetic.num_train_pairs=32", "data.max_length=256", "optim.global_batch_size=8",
-            "optim.micro_batch_size=2", "optim.max_steps=2", "run.save_steps=2", "model.tiny.num_layers=1",
-            "scaling.num_workers=1"]
-EVAL_FAST = ["engine.kind=hf", "engine.num_actors=1", "engine.batch_size=8", "decode.max_new_tokens=8",
-             'datasets=[{"name": "synthetic", "limit": 4}]', "worst_of_k=[]", "bias_sweep=[]",
-             "ray_num_cpus=2"]
+EVAL_FAST = [*FAST_EVAL, 'datasets=[{"name": "synthetic", "limit": 4}]']
 EXPERIMENT = "bt-ray-pipeline-lineage"
 
 
