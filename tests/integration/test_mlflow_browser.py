@@ -2,9 +2,10 @@
 
 A real eval job logs two models (baseline and backtracking labels) into a local store; ``mlflow server``
 serves that store on 127.0.0.1; headless Chromium (Debian's ``chromium``) opens the compare-runs view
-and must show the unsafe-rate metric and its value for each run. The screenshot is saved beside the
-test's outputs; with ``BT_RAY_UPDATE_DOCS=1`` it replaces ``docs/img/mlflow-compare.png``, which
-docs/quickstart.md shows.
+and must show the unsafe-rate metric and its value for each run, and a screenshot is taken. The one in
+docs (``docs/img/mlflow-compare.png``, shown by docs/quickstart.md) is this view over the demo's own
+store (``outputs/demo/mlflow.db``, its four eval runs under ``mlflow server``), taken with the same
+Chromium flags as ``_chromium`` here.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 METRIC = "synthetic.unsafe_rate"
-DOCS_SCREENSHOT = REPO / "docs" / "img" / "mlflow-compare.png"
 
 
 def _chromium(*args: str, timeout: int = 120) -> str:
@@ -101,6 +101,3 @@ def test_mlflow_compare_view_shows_the_unsafe_rate_of_baseline_and_backtracking(
     shot = tmp_path / "mlflow-compare.png"
     _chromium(f"--screenshot={shot}", page)
     assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
-    if os.environ.get("BT_RAY_UPDATE_DOCS") == "1":
-        DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, DOCS_SCREENSHOT)
