@@ -126,7 +126,30 @@ def serve_cfg(cfg: PipelineCfg, model_dir: str):
 
 def serve_check(cfg: PipelineCfg, serve_cfg_, jobs_dir: Path) -> list[dict]:
     """Serve the model (on a free loopback port), ask it one harmful and one benign held-out prompt of the
-    pipeline's world with the ``openai`` client, shut down; returns each answer and whether it reset."""
+    pipeline's world with the ``openai`` client, shut down; returns each answer and whether it reset.
+
+    The check has its MLflow run under the pipeline's run, tagged with the training run behind the
+    model (``tracking.lineage_tags``), with the answers as an artifact.
+    """
+    from bt_ray import tracking
+
+    model_dir = serve_cfg_.model.name
+    run = tracking.Run.start(tracking.resolve_tracking_uri(None, cfg.run_dir), cfg.experiment, "serve-check",
+                             Path(cfg.run_dir) / "mlflow-artifacts", reuse_key=f"serve:{model_dir}",
+                             tags={"stage": "serve", "model": model_dir, **tracking.lineage_tags(model_dir)})
+    with run:
+        out = _ask(cfg, serve_cfg_, jobs_dir)
+        run.log_metrics({"serve_check.answers": len(out),
+                         "serve_check.resets_harmful": sum(a["num_resets"] for a in out if a["harmful"]),
+                         "serve_check.resets_benign": sum(a["num_resets"] for a in out if not a["harmful"])})
+        answers = Path(cfg.run_dir) / "serve" / "answers.json"
+        answers.parent.mkdir(parents=True, exist_ok=True)
+        answers.write_text(json.dumps(out, indent=2))
+        run.log_artifact(answers)
+    return out
+
+
+def _ask(cfg: PipelineCfg, serve_cfg_, jobs_dir: Path) -> list[dict]:
     import dataclasses
     import runpy
     import socket

@@ -68,6 +68,30 @@ def results(run_dir: Path) -> dict:
                   "served": summary["served"]})
 
 
+def walk_lineage(run_dir: Path) -> None:
+    """Every eval, attack and serve-check run of the pipeline names the training run behind its model
+    (``lineage.train_run_id``), whose ``final_model`` is that model dir; all under one pipeline run."""
+    from mlflow.tracking import MlflowClient
+
+    from bt_ray.tracking import TAG_FINAL_MODEL, TAG_MODEL_DIR, TAG_PARENT_RUN_ID, TAG_TRAIN_RUN_ID
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    pipeline_run = client.get_run((run_dir / "stages" / "pipeline_run_id").read_text().strip())
+    runs = client.search_runs([pipeline_run.info.experiment_id])
+    ids = {r.info.run_id for r in runs}
+    assert len({r.info.experiment_id for r in runs}) == 1
+    children = [r for r in runs if r.info.run_id != pipeline_run.info.run_id]
+    assert all(r.data.tags.get(TAG_PARENT_RUN_ID) in ids for r in children)  # all nested under the pipeline
+    walked = set()
+    for r in runs:
+        stage = r.data.tags.get("stage")
+        if stage in ("eval", "attack", "serve") and TAG_MODEL_DIR in r.data.tags:
+            trained = client.get_run(r.data.tags[TAG_TRAIN_RUN_ID])
+            assert trained.data.tags[TAG_FINAL_MODEL] == r.data.tags[TAG_MODEL_DIR], r.info.run_name
+            walked.add(stage)
+    assert walked == {"eval", "attack", "serve"}, walked
+
+
 def test_killed_mid_stage_then_rerun_skips_done_stages_resumes_and_matches_an_uninterrupted_run(tmp_path):
     t0 = time.perf_counter()
     whole = tmp_path / "whole"
@@ -78,6 +102,7 @@ def test_killed_mid_stage_then_rerun_skips_done_stages_resumes_and_matches_an_un
     assert "Table 1" in out and f"report: {whole / 'report.md'}" in out and (whole / "report.md").is_file()
     assert not any("WARNING" in line or "(pid=" in line for line in lines), out  # worker logs stay in files
     print(f"uninterrupted smoke pipeline: {len(lines)} lines, {wall:.0f}s")
+    walk_lineage(whole)
 
     killed = tmp_path / "killed"
     proc = pipeline(killed)
