@@ -18,6 +18,19 @@ def shared_datasets_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+def stop_process_group(proc, timeout: float = 30) -> None:
+    """SIGTERM the process group a test started (``start_new_session=True``), SIGKILL it after ``timeout``."""
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def free_port() -> int:
     """A port on 127.0.0.1 that nothing listens on (closed again when this returns)."""
     with socket.socket() as s:

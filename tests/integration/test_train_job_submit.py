@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, stop_process_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,12 +54,7 @@ def head_node():
             time.sleep(2)
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        stop_process_group(head, timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
