@@ -26,18 +26,17 @@ import os
 import runpy
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from bt_ray import config, tracking
 from bt_ray.pipeline import stages
 from bt_ray.pipeline.config import PipelineCfg, load_preset, presets
 from bt_ray.pipeline.console import Console, count_lines, elapsed
-from bt_ray.pipeline.results import attacks_in_words, in_words, table1
+from bt_ray.pipeline.results import print_results, report_stage
 from bt_ray.pipeline.runner import StageRunner
+from bt_ray.pipeline.session import parent_run, quiet, start_ray, train_progress
 
 JOBS = Path(__file__).resolve().parent
-PARENT_RUN_FILE = "pipeline_run_id"
 
 
 def parse_args(argv=None) -> PipelineCfg:
@@ -49,63 +48,6 @@ def parse_args(argv=None) -> PipelineCfg:
     if args.preset and args.config:
         parser.error("give --preset or --config, not both")
     return load_preset(args.preset or (None if args.config else "demo"), args.config, args.overrides)
-
-
-def quiet(cfg: PipelineCfg) -> None:
-    """Silence what a user cannot act on (here and in the Ray workers, which inherit the environment)."""
-    if cfg.verbose:
-        return
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    import logging
-
-    import mlflow  # noqa: F401 - it sets its loggers up on import; quiet them after that
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # e.g. "Creating initial MLflow database tables"
-    warnings.filterwarnings("ignore", message=".*gradient accumulation.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
-def parent_run(uri: str, cfg: PipelineCfg, run_dir: Path) -> tracking.Run:
-    """The pipeline's MLflow parent run: reopened from stages/pipeline_run_id, else created."""
-    id_file = run_dir / "stages" / PARENT_RUN_FILE
-    if id_file.is_file():
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = tracking.Run(uri, id_file.read_text().strip())
-            run._client.update_run(run.run_id, status="RUNNING")
-            return run
-        except MlflowException:
-            pass  # the store was moved or deleted: start a new parent run
-    run = tracking.Run.start(uri, cfg.experiment, f"pipeline:{cfg.preset}", run_dir / "mlflow-artifacts",
-                             tags={"stage": "pipeline", "preset": cfg.preset, "git_sha": config.git_sha()})
-    run.log_params(config.flatten(config.to_dict(cfg)))
-    id_file.parent.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run.run_id + "\n")
-    return run
-
-
-def start_ray(cfg: PipelineCfg) -> None:
-    """Ray for every stage: this process is the driver, so worker output reaches logs/<stage>.log."""
-    import ray
-
-    from bt_ray.train.driver import worker_env
-
-    if not ray.is_initialized():
-        local = not os.environ.get("RAY_ADDRESS")
-        ray.init(num_cpus=cfg.ray_num_cpus if local else None, include_dashboard=False,
-                 runtime_env={"env_vars": worker_env()})
-
-
-def train_progress(job_cfg):
-    """Logged steps of a training stage (metrics.jsonl grows a line per logged step)."""
-    path = Path(job_cfg.run.root) / job_cfg.run.name / "metrics.jsonl"
-    total = job_cfg.optim.max_steps if job_cfg.optim.max_steps > 0 else None
-    return lambda: (count_lines(path), total)
 
 
 def run_stages(cfg: PipelineCfg, run_dir: Path, run: StageRunner) -> dict:
@@ -194,21 +136,6 @@ def run_stages(cfg: PipelineCfg, run_dir: Path, run: StageRunner) -> dict:
             "attacks": attacks, "served": served}
 
 
-def report_stage(run_dir: Path, console: Console) -> Path | None:
-    """report.md with plots (bt_ray.report), when that package is installed; else one line."""
-    try:
-        from bt_ray.report import write_report
-    except ImportError:
-        console.say("-- report: skipped (bt_ray.report is not installed in this checkout)")
-        return None
-    t0 = time.perf_counter()
-    console.say("-> report")
-    with console.capture("report") as log:
-        path = write_report(run_dir)
-    console.say(f"   report done in {elapsed(t0)}; log: {log}")
-    return Path(path)
-
-
 def main(cfg: PipelineCfg) -> dict:
     t0 = time.perf_counter()
     run_dir = Path(cfg.run_dir).resolve()
@@ -244,19 +171,7 @@ def main(cfg: PipelineCfg) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     report = report_stage(run_dir, console) if cfg.report else None
 
-    # ---- what the user came for: Table 1, the comparisons in plain words, the report
-    evaluation = out.get("eval")
-    if evaluation:
-        metrics = {label: m["metrics"] for label, m in evaluation["models"].items()}
-        console.say("\nTable 1 (% with 95% CI):\n" + table1(metrics))
-        for c in evaluation.get("comparisons", []):
-            console.say(in_words(c))
-    for attack in (out.get("attacks") or {}).values():
-        for line in attacks_in_words(attack):
-            console.say(line)
-    for answer in out.get("served") or []:
-        console.say(f"serve check [{'harmful' if answer['harmful'] else 'benign'}]: "
-                    f"{'reset' if answer['reset'] else 'no reset'}, shown {answer['answer'][:60]!r}")
+    print_results(console, out)
     console.say(f"== done in {elapsed(t0)}: {run_dir / 'summary.json'}"
                 + (f"\n   report: {report}" if report else ""))
     return summary

@@ -345,7 +345,6 @@ def switch_generator(current: Generator | None, model_cfg: ModelCfg, engine: Eng
         return current
     if isinstance(current, VLLMGenerator):
         current.close()
-    del current
     return build_generator(model_cfg, engine)
 
 

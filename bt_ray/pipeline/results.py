@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+from bt_ray.pipeline.console import Console, elapsed
+
 
 def _pct(r: dict | None) -> str:
     if not r or r.get("rate") is None:
@@ -49,15 +54,19 @@ def table1(metrics_by_model: dict[str, dict]) -> str:
 
 
 def in_words(c: dict) -> str:
-    """One comparison of eval (``compare_pair``'s dict) in plain words, on its cluster-bootstrap 95% CI."""
+    """One comparison of eval (``compare_pair``'s dict) in plain words, quoting its cluster-bootstrap 95%
+    CI. A difference is claimed by the report's rule (``report.markdown.direction``: both the cluster
+    bootstrap and the paired Newcombe interval exclude 0), so the terminal and report.md agree."""
+    from bt_ray.report.markdown import direction
+
     head = f"{c['backtrack']} vs {c['baseline']} ({c['key']}, {c['n']} prompts)"
     if not c.get("n") or c.get("difference") is None:
         return f"{head}: no prompt judged on both sides"
     d, lo, hi = (100 * c[k] for k in ("difference", "cluster_ci_low", "cluster_ci_high"))
     ci = f"[{lo:+.1f}, {hi:+.1f}]"
-    if lo > 0:
+    if direction(c) > 0:
         return f"{head}: backtracking is less unsafe by {d:.1f} points {ci}"
-    if hi < 0:
+    if direction(c) < 0:
         return f"{head}: backtracking is MORE unsafe by {-d:.1f} points {ci}"
     return f"{head}: no difference beyond the CI ({d:+.1f} points {ci})"
 
@@ -75,3 +84,35 @@ def attacks_in_words(summary: dict) -> list[str]:
                           if s["asr"].get("rate") is not None)
         out.append(f"{summary['attack']} attack on {label}: ASR {rates or '-'}")
     return out
+
+
+def report_stage(run_dir: Path, console: Console) -> Path | None:
+    """report.md with plots (bt_ray.report), when that package is installed; else one line."""
+    try:
+        from bt_ray.report import write_report
+    except ImportError:
+        console.say("-- report: skipped (bt_ray.report is not installed in this checkout)")
+        return None
+    t0 = time.perf_counter()
+    console.say("-> report")
+    with console.capture("report") as log:
+        path = write_report(run_dir)
+    console.say(f"   report done in {elapsed(t0)}; log: {log}")
+    return Path(path)
+
+
+def print_results(console: Console, out: dict) -> None:
+    """What the user came for, at the end: Table 1, the comparisons in plain words, the attacks' ASR and
+    the serve check's answers."""
+    evaluation = out.get("eval")
+    if evaluation:
+        metrics = {label: m["metrics"] for label, m in evaluation["models"].items()}
+        console.say("\nTable 1 (% with 95% CI):\n" + table1(metrics))
+        for c in evaluation.get("comparisons", []):
+            console.say(in_words(c))
+    for attack in (out.get("attacks") or {}).values():
+        for line in attacks_in_words(attack):
+            console.say(line)
+    for answer in out.get("served") or []:
+        console.say(f"serve check [{'harmful' if answer['harmful'] else 'benign'}]: "
+                    f"{'reset' if answer['reset'] else 'no reset'}, shown {answer['answer'][:60]!r}")

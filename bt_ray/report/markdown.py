@@ -85,7 +85,7 @@ def table1(evaluation: Eval) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _direction(c: dict) -> int:
+def direction(c: dict) -> int:
     """+1: the baseline is more unsafe beyond both 95% CIs (paired Newcombe and cluster bootstrap);
     -1: the backtracking model is; 0: neither."""
     if c["ci_low"] > 0 and c["cluster_ci_low"] > 0:
@@ -102,7 +102,7 @@ def _ci(low: float, high: float) -> str:
 def _quoted(c: dict) -> tuple[float, float]:
     """The interval a sentence quotes: the cluster bootstrap, unless it excludes 0 while the paired
     Newcombe interval does not (then "no difference" quotes the interval that includes 0)."""
-    if _direction(c) == 0 and not c["cluster_ci_low"] <= 0 <= c["cluster_ci_high"]:
+    if direction(c) == 0 and not c["cluster_ci_low"] <= 0 <= c["cluster_ci_high"]:
         return c["ci_low"], c["ci_high"]
     return c["cluster_ci_low"], c["cluster_ci_high"]
 
@@ -116,10 +116,10 @@ def comparison_sentence(c: dict) -> str:
         return f"{head}: no pair with a verdict on both sides."
     rates = f"unsafe {100 * c['baseline_unsafe']:.1f}% vs {100 * c['backtrack_unsafe']:.1f}%"
     d, (low, high) = c["difference"], _quoted(c)
-    direction = _direction(c)
-    if direction > 0:
+    sign = direction(c)
+    if sign > 0:
         return f"{head}: backtracking is less unsafe by {100 * d:.1f} points {_ci(low, high)} ({rates})."
-    if direction < 0:
+    if sign < 0:
         return f"{head}: backtracking is MORE unsafe by {-100 * d:.1f} points {_ci(-high, -low)} ({rates})."
     return (f"{head}: no difference beyond the 95% CI ({rates}; difference {100 * d:+.1f} points "
             f"{_ci(low, high)}).")
@@ -145,10 +145,10 @@ def attack_sentences(attacks: Attacks) -> str:
         for kind, variants in kinds.items():
             for variant, d in variants.items():
                 head = f"**{kind}{'' if variant == 'all' else ' ' + variant}, {a} vs {b}** (n={d['n']})"
-                direction, (low, high) = _direction(d), _quoted(d)
-                if direction > 0:
+                sign, (low, high) = direction(d), _quoted(d)
+                if sign > 0:
                     text = f"{b} has a lower ASR by {100 * d['difference']:.1f} points {_ci(low, high)}"
-                elif direction < 0:
+                elif sign < 0:
                     text = f"{b} has a HIGHER ASR by {-100 * d['difference']:.1f} points {_ci(-high, -low)}"
                 else:
                     text = f"no difference in ASR beyond the 95% CI ({100 * d['difference']:+.1f} points " \
