@@ -97,6 +97,8 @@ class LoadReport:
     num_read: int = 0
     num_used: int = 0
     skipped: Counter = field(default_factory=Counter)
+    # A parted load (bt_ray.data.parts): the part, its seed and fractions, and the rows read per part.
+    parts: dict | None = None
 
     def skip(self, rule: str) -> None:
         self.skipped[rule] += 1
@@ -108,11 +110,12 @@ class LoadReport:
             "num_read": self.num_read,
             "num_used": self.num_used,
             "skipped": dict(sorted(self.skipped.items())),
-        }
+        } | ({"parts": self.parts} if self.parts is not None else {})
 
     def __str__(self) -> str:
         skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
         return (
             f"{self.source} ({self.origin}): read {self.num_read}, used {self.num_used}, "
             f"skipped by rule: {skipped}"
-        )
+        ) + (f"; part {self.parts['part']} (seed {self.parts['seed']}), rows read per part: "
+             + ", ".join(f"{k} {v}" for k, v in self.parts["read"].items()) if self.parts else "")

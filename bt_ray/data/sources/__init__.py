@@ -2,13 +2,16 @@
 
 Two registries, name -> loader function:
 
-* ``PREFERENCE_SOURCES`` (``hh-rlhf``, ``oasst2``, ``safety-tuned-llamas``) give
-  ``PreferenceExample`` rows for SFT/DPO recipes.
+* ``PREFERENCE_SOURCES`` (``hh-rlhf``, ``oasst2``, ``safety-tuned-llamas``, ``jsonl``: examples as
+  ``bt-ray onpolicy`` writes them, ``bt_ray.data.sources.jsonl``) give ``PreferenceExample`` rows for
+  SFT/DPO recipes.
 * ``PROMPT_SOURCES`` (``advbench``, ``malicious-instructions``, ``simple-safety-tests``,
-  ``strongreject``, ``mt-bench``, ``hh-rlhf``, ``q-harm``) give ``PromptExample`` rows for evaluation.
+  ``strongreject``, ``mt-bench``, ``hh-rlhf``, ``q-harm``, ``xstest``) give ``PromptExample`` rows for
+  evaluation.
 
 Every loader takes ``(path=None, *, limit=None)`` (preference loaders also ``split=None``: the
-source's training split, see ``PREFERENCE_SPLITS``) and returns ``(records, LoadReport)``. ``path`` is
+source's training split, see ``PREFERENCE_SPLITS``; those in ``PARTED_SOURCES`` also ``part``: a seeded
+train/dev/test part of the file, ``bt_ray.data.parts``) and returns ``(records, LoadReport)``. ``path`` is
 
 * a local file in the source's own format (``.gz`` files are read through gzip);
 * a local directory: the source's standard file name is looked up inside it, either the bare file
@@ -47,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bt_ray.data.parts import PARTED_SOURCES, Part
 from bt_ray.data.records import LoadReport, PreferenceExample, PromptExample
 from bt_ray.data.sources._files import _HUB_SPEC, DATA_DIR_ENV, _Hub, _no_split, _resolve
 from bt_ray.data.sources.hh_rlhf import (
@@ -57,6 +61,7 @@ from bt_ray.data.sources.hh_rlhf import (
     load_hh_rlhf_prompts,
     parse_hh_dialogue,
 )
+from bt_ray.data.sources.jsonl import load_jsonl_preferences
 from bt_ray.data.sources.mt_bench import _MT_BENCH, load_mt_bench
 from bt_ray.data.sources.oasst2 import _OASST2, load_oasst2
 from bt_ray.data.sources.safety_sets import (
@@ -73,11 +78,13 @@ from bt_ray.data.sources.safety_sets import (
     load_simple_safety_tests,
     load_strongreject,
 )
+from bt_ray.data.sources.xstest import _XSTEST, load_xstest
 
 __all__ = [
     "DATA_DIR_ENV",
     "DEFAULT_HUB",
     "PREFERENCE_SOURCES",
+    "PARTED_SOURCES",
     "PREFERENCE_SPLITS",
     "PROMPT_SOURCES",
     "EvalTestSet",
@@ -95,6 +102,7 @@ __all__ = [
     "load_safety_tuned_llamas",
     "load_simple_safety_tests",
     "load_strongreject",
+    "load_xstest",
     "parse_hh_dialogue",
     "parse_origin",
     "parse_source_spec",
@@ -103,7 +111,8 @@ __all__ = [
 
 DEFAULT_HUB: dict[str, str | None] = {
     s.name: (str(s.hub) if s.hub else None)
-    for s in (_HH_TRAIN, _OASST2, _STL, _ADVBENCH, _MALICIOUS, _SST, _STRONGREJECT, _MT_BENCH, _Q_HARM)
+    for s in (_HH_TRAIN, _OASST2, _STL, _ADVBENCH, _MALICIOUS, _SST, _STRONGREJECT, _MT_BENCH, _Q_HARM,
+              _XSTEST)
 }
 """The hub dataset each source reads when no path is given and $BT_RAY_DATA_DIR is unset."""
 
@@ -132,7 +141,8 @@ def parse_source_spec(spec: str) -> tuple[str, str | None]:
 
 
 def load_preferences(
-    name: str, path: str | None = None, *, limit: int | None = None, split: str | None = None
+    name: str, path: str | None = None, *, limit: int | None = None, split: str | None = None,
+    part: Part | None = None,
 ) -> tuple[list[PreferenceExample], LoadReport]:
     """Load a preference source by name (see ``PREFERENCE_SOURCES``).
 
@@ -141,6 +151,7 @@ def load_preferences(
         path: local file, local directory or hub spec; None for the default (module docstring).
         limit: stop once this many examples are used; None reads everything.
         split: the source's split (``PREFERENCE_SPLITS``); None = its training split.
+        part: keep this seeded part of the data (``bt_ray.data.parts``; sources in ``PARTED_SOURCES``).
 
     Returns:
         The examples and the load report.
@@ -150,11 +161,12 @@ def load_preferences(
         FileNotFoundError: the data cannot be found locally or loaded from the hub.
         DataError: a malformed row (the message names file, line or record, and field).
     """
-    return _lookup(PREFERENCE_SOURCES, name, "preference")(path, limit=limit, split=split)
+    loader = _lookup(PREFERENCE_SOURCES, name, "preference")
+    return loader(path, limit=limit, split=split, **_part_arg(name, part))
 
 
 def load_prompts(
-    name: str, path: str | None = None, *, limit: int | None = None
+    name: str, path: str | None = None, *, limit: int | None = None, part: Part | None = None
 ) -> tuple[list[PromptExample], LoadReport]:
     """Load a prompt (evaluation) source by name (see ``PROMPT_SOURCES``).
 
@@ -162,6 +174,7 @@ def load_prompts(
         name: source name, e.g. ``advbench``.
         path: local file, local directory or hub spec; None for the default (module docstring).
         limit: stop once this many prompts are used; None reads everything.
+        part: keep this seeded part of the data (``bt_ray.data.parts``; sources in ``PARTED_SOURCES``).
 
     Returns:
         The prompts and the load report.
@@ -171,7 +184,17 @@ def load_prompts(
         FileNotFoundError: the data cannot be found locally or loaded from the hub.
         DataError: a malformed row (the message names file, line or record, and field).
     """
-    return _lookup(PROMPT_SOURCES, name, "prompt")(path, limit=limit)
+    return _lookup(PROMPT_SOURCES, name, "prompt")(path, limit=limit, **_part_arg(name, part))
+
+
+def _part_arg(name: str, part: Part | None) -> dict:
+    """``{"part": part}`` for a source that can be parted; a part for any other source is an error."""
+    if part is None:
+        return {}
+    if name not in PARTED_SOURCES:
+        raise ValueError(f"{name}: part must be null: only {', '.join(PARTED_SOURCES)} can be cut into "
+                         f"seeded parts; got part {part.name!r}")
+    return {"part": part}
 
 
 def _lookup(table: dict[str, Callable], name: str, kind: str) -> Callable:
@@ -194,6 +217,7 @@ PREFERENCE_SOURCES: dict[str, Callable[..., tuple[list[PreferenceExample], LoadR
     "hh-rlhf": load_hh_rlhf_preferences,
     "oasst2": load_oasst2,
     "safety-tuned-llamas": load_safety_tuned_llamas,
+    "jsonl": load_jsonl_preferences,
 }
 """Preference sources: name -> ``loader(path=None, *, limit=None, split=None) -> (examples, report)``."""
 
@@ -201,6 +225,7 @@ PREFERENCE_SPLITS: dict[str, tuple[str, ...]] = {
     "hh-rlhf": ("train", "test"),
     "oasst2": (),
     "safety-tuned-llamas": (),
+    "jsonl": (),
 }
 """Splits a preference source's ``split`` may name (empty: none; ``split`` must be None)."""
 
@@ -212,8 +237,11 @@ PROMPT_SOURCES: dict[str, Callable[..., tuple[list[PromptExample], LoadReport]]]
     "mt-bench": load_mt_bench,
     "hh-rlhf": load_hh_rlhf_prompts,
     "q-harm": load_q_harm,
+    "xstest": load_xstest,
 }
 """Prompt sources: name -> ``loader(path=None, *, limit=None) -> (prompts, report)``."""
+
+
 
 
 # ---------------------------------------------------------------- never train on what is evaluated
@@ -226,6 +254,7 @@ _PROMPT_SOURCE_DATA = {
     "mt-bench": _MT_BENCH,
     "hh-rlhf": _HH_TEST,
     "q-harm": _Q_HARM,
+    "xstest": _XSTEST,
 }
 
 
@@ -321,6 +350,10 @@ def resolve_preference_source(name: str, path: str | None = None, split: str | N
     if name == "hh-rlhf":
         return _hh_origin(path, split, "train")
     _no_split(name, split)
+    if name == "jsonl":  # a file only: no default location, no hub
+        if path is None or not Path(path).expanduser().is_file():
+            raise FileNotFoundError(f"jsonl: {path!r} is not a file; give the source a path to a .jsonl file")
+        return Path(path).expanduser()
     return _resolve(_OASST2 if name == "oasst2" else _STL, path)
 
 

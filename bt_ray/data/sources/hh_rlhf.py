@@ -1,4 +1,9 @@
-"""Anthropic HH-RLHF: harmless-base dialogues as preference pairs (train) and harmful prompts (test)."""
+"""Anthropic HH-RLHF: harmless-base dialogues as preference pairs (train) and harmful prompts (test).
+
+Both loaders take ``part`` (``bt_ray.data.parts``): a seeded train/dev/test part of the file, assigned
+by each dialogue's first Human turn, so one file (e.g. the shipped test split) can be trained on
+(part train) and evaluated on (part dev or test) with no dialogue, and no first request, in both.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from bt_ray.data.parts import Part, load_part
 from bt_ray.data.records import LoadReport, Message, PreferenceExample, PromptExample
 from bt_ray.data.sources._files import (
     _collect,
@@ -169,12 +175,17 @@ def _hh_prompt(row: dict, where: _Where) -> PromptExample:
     )
 
 
+def _hh_first_turn(row: dict, where: _Where) -> str:
+    """What a dialogue's part is assigned by: its first Human turn (of ``chosen``)."""
+    return _hh_turns(row, where, "chosen")[0].content
+
+
 def _hh_rows(origin: Path | _Hub) -> Iterable[tuple[_Where, dict]]:
     return _iter_hub(origin, {}) if isinstance(origin, _Hub) else _iter_jsonl(origin)
 
 
 def load_hh_rlhf_preferences(
-    path: str | None = None, *, limit: int | None = None, split: str | None = None
+    path: str | None = None, *, limit: int | None = None, split: str | None = None, part: Part | None = None
 ) -> tuple[list[PreferenceExample], LoadReport]:
     """Anthropic HH-RLHF ``{"chosen", "rejected"}`` dialogues as preference pairs (training data).
 
@@ -204,13 +215,18 @@ def load_hh_rlhf_preferences(
     train.jsonl.gz``, else ``Anthropic/hh-rlhf@harmless-base[train]``. Only the test split ships in
     the shared datasets, and evaluation uses it: the train default never falls back to it. A hub
     spec without ``@harmless-base`` loads every subset of the repo, helpful ones included.
+
+    ``part`` keeps one seeded part of the file (``bt_ray.data.parts``), e.g. ``split="test",
+    part=Part("train")`` trains on 80% of the shipped test file while evaluation reads its test part;
+    ``limit`` then counts rows of the part, and the report's ``parts`` has the rows read per part.
     """
     origin = _hh_origin(path, split, "train")
-    return _collect(_HH_TRAIN, path, limit, _hh_rows, _hh_preference, origin=origin)
+    return load_part(part, lambda parse: _collect(_HH_TRAIN, path, limit, _hh_rows, parse, origin=origin),
+                     _hh_preference, _hh_first_turn, _Skip, limit)
 
 
 def load_hh_rlhf_prompts(
-    path: str | None = None, *, limit: int | None = None
+    path: str | None = None, *, limit: int | None = None, part: Part | None = None
 ) -> tuple[list[PromptExample], LoadReport]:
     """The HH-RLHF harmless-base TEST dialogues as single-turn harmful prompts (the paper's dev set).
 
@@ -219,6 +235,8 @@ def load_hh_rlhf_prompts(
     prompt, and ``meta["num_turns"]`` records how many Human turns the prompt part of ``chosen``
     had. Only ``chosen`` is read; no row is left out (the first Human turn is clean even in the
     rows that ``load_hh_rlhf_preferences`` skips). Default: ``$BT_RAY_DATA_DIR/hh-rlhf/harmless-base/
-    test.jsonl.gz``, else ``Anthropic/hh-rlhf@harmless-base[test]``.
+    test.jsonl.gz``, else ``Anthropic/hh-rlhf@harmless-base[test]``. ``part`` keeps one seeded part
+    of the file, assigned exactly as ``load_hh_rlhf_preferences`` assigns it (``bt_ray.data.parts``).
     """
-    return _collect(_HH_TEST, path, limit, _hh_rows, _hh_prompt)
+    return load_part(part, lambda parse: _collect(_HH_TEST, path, limit, _hh_rows, parse),
+                     _hh_prompt, _hh_first_turn, _Skip, limit)
