@@ -45,9 +45,15 @@ def test_dpo_with_missing_sft_checkpoint_fails_in_preflight(tmp_path):
         preflight(cfg)
 
 
-def test_bf16_on_cpu_and_missing_data_file_fail_in_preflight(tmp_path):
-    with pytest.raises(ValueError, match=r"deepspeed.precision='bf16' needs scaling.use_gpu=true"):
-        preflight(config.load(SFTJobCfg, None, ["deepspeed.precision=bf16", "optim.global_batch_size=8"]))
+def test_bf16_on_cpu_without_native_bf16_and_missing_data_file_fail_in_preflight(tmp_path, monkeypatch):
+    from bt_ray.train import deepspeed as ds
+
+    bf16 = config.load(SFTJobCfg, None, ["deepspeed.precision=bf16", "optim.global_batch_size=8"])
+    monkeypatch.setattr(ds, "cpu_has_bf16", lambda: True)
+    assert ds.resolve_precision(bf16.deepspeed, use_gpu=False) == "bf16"
+    monkeypatch.setattr(ds, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ValueError, match=r"deepspeed.precision='bf16' needs scaling.use_gpu=true or a CPU"):
+        preflight(bf16)
     with pytest.raises(ValueError, match="data.path must be an existing JSONL file"):
         preflight(config.load(SFTJobCfg, None, [f"data.path={tmp_path / 'x.jsonl'}",
                                                 "optim.global_batch_size=8"]))
