@@ -1,7 +1,7 @@
 """On-policy y-: the base model answers the training prompts, a judge labels the answers, rules keep them.
 
 Run as:
-    python jobs/onpolicy.py --config jobs/configs/onpolicy_smollm2.yaml [dotted.key=value ...]
+    python jobs/onpolicy.py [--config FILE.yaml] [dotted.key=value ...]
     bt-ray onpolicy model.name=smollm2-135m 'sources=[{name: safety-tuned-llamas, limit: 200}]' \
         helpful.num_prompts=100 out=outputs/data/onpolicy.jsonl
 
