@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bt_ray.config import check, dump, git_sha, to_dict
+from bt_ray.data.parts import DEFAULT_FRACTIONS, PARTED_SOURCES, EmptyPartError, make_part, part_checks
 from bt_ray.data.recipes import RecipeCfg, build_rows, trained_mask
 from bt_ray.data.records import LoadReport, PreferenceExample
 from bt_ray.data.sources import PREFERENCE_SPLITS
@@ -52,7 +53,16 @@ class SourceCfg:
     (chooses the file in a directory / $BT_RAY_DATA_DIR and the hub split; a file or hub id naming
     another split is an error); other sources have none, so it must be null."""
     limit: int | None = None
-    """Use at most this many examples from the source (null = all)."""
+    """Use at most this many examples from the source (null = all); with a part, of that part."""
+    part: str | None = None
+    """A seeded part of the source's file (``bt_ray.data.parts``): train, dev or test, by a stable hash of
+    (part_seed, the dialogue's first user turn), so it never depends on file order or limit and dialogues
+    opening alike share a part; null: the whole file. hh-rlhf only. E.g. split: test, part: train trains
+    on the shipped test file's train part while evaluation reads its dev/test part (datasets' part)."""
+    part_seed: int = 0
+    """Seed of the part assignment; evaluation must use the same seed and fractions to be disjoint."""
+    part_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+    """Shares of train, dev, test (each in [0, 1], summing to 1; the chosen part's must be > 0)."""
 
     def __post_init__(self):
         check(self, [
@@ -60,6 +70,10 @@ class SourceCfg:
             ("limit", self.limit is None or self.limit > 0, "must be > 0 or null"),
             ("split", self.split is None or self.name not in SOURCE_SPLITS
              or self.split in SOURCE_SPLITS[self.name], _split_rule(self.name)),
+            ("part", self.part is None or self.name in PARTED_SOURCES,
+             f"must be null: source {self.name!r} cannot be cut into parts "
+             f"(only {', '.join(PARTED_SOURCES)})"),
+            *part_checks(self.part, self.part_seed, self.part_fractions),
         ])
 
 
@@ -101,8 +115,11 @@ def load_source(
     else:
         from bt_ray.data.sources import load_preferences
 
+        part = make_part(src.part, src.part_seed, src.part_fractions)
         try:
-            return load_preferences(src.name, src.path, limit=src.limit, split=src.split)
+            return load_preferences(src.name, src.path, limit=src.limit, split=src.split, part=part)
+        except EmptyPartError as e:
+            raise EmptyPartError(f"{field}.part ({src.name}): {e}") from e
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"{field} ({src.name}): {e}") from e
     if src.limit is not None and len(examples) > src.limit:
@@ -111,12 +128,18 @@ def load_source(
     return examples, report
 
 
-def check_not_evaluated(sources: tuple[SourceCfg, ...], *, field: str = "sources") -> None:
+def check_not_evaluated(sources: tuple[SourceCfg, ...], *, field: str = "sources", evals=None) -> None:
     """Refuse training data that an evaluation set tests on: never train on what is evaluated.
 
     Each file or hub source is resolved (nothing is read) and compared with every evaluation test set
     (``bt_ray.data.sources.eval_test_sets``): same real path, same content, or same hub repo, subset
     and split. Synthetic sources draw train/dev pairs, never the world's eval prompts.
+
+    A source that is an evaluation file but keeps one seeded ``part`` of it is disjoint by construction
+    from the file's other parts (``bt_ray.data.parts``), so it is accepted when evaluation reads only
+    other parts (``part_conflict``): without ``evals`` (training alone), part train is accepted and
+    dev/test are kept for evaluation; with ``evals`` (the eval's ``DatasetCfg``s), every dataset that
+    reads this set must read another part with the same seed and fractions.
 
     Raises:
         ValueError: one line per offending source, naming ``<field>[i]``, where it resolved, and the
@@ -135,13 +158,47 @@ def check_not_evaluated(sources: tuple[SourceCfg, ...], *, field: str = "sources
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"{field}[{i}] ({src.name}): {e}") from e
         hit = eval_overlap(origin, test_sets)
-        if hit is not None:
-            problems.append(f"{field}[{i}] ({src.name}, {origin}) is the evaluation test set {hit.name!r} "
-                            f"({hit.where})")
+        if hit is None:
+            continue
+        why = part_conflict(src.part, src.part_seed, src.part_fractions, hit.name, evals)
+        if why is not None:
+            part = f", part {src.part}" if src.part else ""
+            problems.append(f"{field}[{i}] ({src.name}, {origin}{part}) is the evaluation test set "
+                            f"{hit.name!r} ({hit.where}){why}")
     if problems:
         raise ValueError("never train on what is evaluated:\n  " + "\n  ".join(problems)
                         + "\ngive these sources a training split (e.g. hh-rlhf: split train, with a path "
-                          "or hub id Anthropic/hh-rlhf@harmless-base[train])")
+                          "or hub id Anthropic/hh-rlhf@harmless-base[train]), or train on part: train of the "
+                          "evaluation file while evaluation reads its part dev or test")
+
+
+def part_conflict(part: str | None, seed: int, fractions, eval_name: str, evals=None) -> str | None:
+    """Why training on ``part`` of the file that evaluation set ``eval_name`` reads overlaps evaluation;
+    None when it does not (the parts are disjoint by construction, ``bt_ray.data.parts``).
+
+    Args:
+        part, seed, fractions: the training source's part fields (``part`` None: the whole file).
+        eval_name: the evaluation set the source's file is.
+        evals: the evaluation's datasets (objects with name, part, part_seed, part_fractions), or None
+            when unknown: then only part train is accepted (dev and test are kept for evaluation).
+    """
+    if part is None:
+        return ""
+    if evals is None:
+        return None if part == "train" else (f": part {part} is kept for evaluation; train only on part "
+                                             "train of an evaluation file")
+    for j, ds in enumerate(evals):
+        if ds.name != eval_name:
+            continue
+        if ds.part is None:
+            return f", and evaluation datasets[{j}] reads the whole file (give it part dev or test)"
+        if ds.part_seed != seed or tuple(ds.part_fractions) != tuple(fractions):
+            return (f", and evaluation datasets[{j}] cuts it with another part_seed/part_fractions "
+                    f"({ds.part_seed}, {list(ds.part_fractions)} vs {seed}, {list(fractions)}): parts of "
+                    "different cuts overlap")
+        if ds.part == part:
+            return f", and evaluation datasets[{j}] reads the same part {part}"
+    return None
 
 
 def build_dataset(cfg: DataBuildCfg, *, log=print, field: str = "sources") -> dict:

@@ -70,7 +70,7 @@ def check_not_evaluated_data(data: TrainDataCfg) -> None:
     A prebuilt ``data.path`` is checked through the ``<name>.summary.json`` that ``bt-ray data build``
     writes beside it (its sources' origins); without one there is nothing to check.
     """
-    from bt_ray.data.build import check_not_evaluated
+    from bt_ray.data.build import check_not_evaluated, part_conflict
     from bt_ray.data.sources import eval_overlap, eval_test_sets, parse_origin
 
     if data.path is None:
@@ -84,7 +84,9 @@ def check_not_evaluated_data(data: TrainDataCfg) -> None:
     for i, source in enumerate(json.loads(summary.read_text()).get("sources", [])):
         origin = parse_origin(str(source.get("origin", "")))
         hit = eval_overlap(origin, test_sets) if origin is not None else None
-        if hit is not None:
+        parts = source.get("parts") or {}  # a seeded part of the file (bt_ray.data.parts): train is disjoint
+        if hit is not None and part_conflict(parts.get("part"), parts.get("seed"), parts.get("fractions"),
+                                             hit.name) is not None:
             problems.append(f"data.path={data.path} was built from {summary.name} sources[{i}] "
                             f"({source.get('source')}, {origin}), the evaluation test set {hit.name!r} "
                             f"({hit.where})")

@@ -53,6 +53,7 @@ PROMPT_COUNTS = {
     "mt-bench": 80,
     "hh-rlhf": 2312,
     "q-harm": 100,
+    "xstest": 450,
 }
 
 
@@ -67,7 +68,10 @@ def test_real_prompt_sources_from_data_root(shared_datasets, name):
     assert len(prompts) == expected
     assert (report.num_read, report.num_used, dict(report.skipped)) == (expected, expected, {})
     assert all(p.dataset == name and p.turns and all(t.strip() for t in p.turns) for p in prompts)
-    assert all(p.harmful == (name != "mt-bench") for p in prompts)
+    if name == "xstest":  # 250 safe prompts, 200 unsafe contrast prompts
+        assert Counter(p.harmful for p in prompts) == {False: 250, True: 200}
+    else:
+        assert all(p.harmful == (name != "mt-bench") for p in prompts)
 
 
 @pytest.mark.parametrize("name", sorted(PROMPT_COUNTS))
