@@ -10,8 +10,10 @@ and b is found by bisection on a bracket ``[bias_low, bias_high]``:
   that does not, and stops when they are within ``tolerance`` or after ``max_evals`` probes.
 - r(b) of a finite dev set is a step function, so interpolation (secant, regula falsi) buys little
   over bisection and loses its guarantee: the bracket halves with every probe.
-- Every model searches at once: one round's probes (one per model still searching) go through one
-  pipeline, one actor pool.
+- A round of probes costs one pipeline start (actors, model load: seconds on CPU, more than a small dev
+  set's generation), so a round may probe ``probes_per_round`` evenly spaced points (k-section: the
+  bracket shrinks k+1-fold per round; the first round probes both ends beside them), and every model
+  searches at once: one round's probes of every model still searching go through one pipeline.
 
 Then ONE pipeline evaluates the harmful report sets at b=0 and at the chosen b (and the dev set at
 b=0; the dev rows at the chosen b are its probe's), so the safety b buys sits beside what it costs.
@@ -65,6 +67,9 @@ class CalibrateCfg:
     """Dev-set probes per model at most, the two bracket ends included."""
     tolerance: float = 0.25
     """The search stops when the largest b meeting the target and the smallest missing it are this close."""
+    probes_per_round: int = 1
+    """Points probed per round inside the bracket, in one pipeline (1: bisection; k: the bracket shrinks
+    k+1-fold per round for k probes; worth it where a pipeline's start-up outweighs a probe's rows)."""
     ray_num_cpus: int | None = None
     """Logical CPUs of the local Ray the job starts when none is running (null: the machine's cores)."""
     mlflow_experiment: str = "bt-ray-calibrate"
@@ -94,6 +99,7 @@ class CalibrateCfg:
             ("bias_high", self.bias_high > self.bias_low, f"must be > bias_low ({self.bias_low})"),
             ("max_evals", self.max_evals >= 2, "must be >= 2 (the two bracket ends)"),
             ("tolerance", self.tolerance > 0, "must be > 0"),
+            ("probes_per_round", self.probes_per_round >= 1, "must be >= 1"),
             ("ray_num_cpus", self.ray_num_cpus is None or self.ray_num_cpus >= 1, "must be >= 1 or null"),
             ("max_error_fraction", 0 <= self.max_error_fraction <= 1, "must be in [0, 1]"),
             ("bootstrap_resamples", self.bootstrap_resamples >= 100, "must be >= 100"),
@@ -112,10 +118,12 @@ class CalibrateCfg:
 
 @dataclass
 class BiasSearch:
-    """Bisection for the largest b in ``[low, high]`` whose rate r(b) <= ``target``, r non-decreasing.
+    """Bisection (k-section with ``per_round`` > 1) for the largest b in ``[low, high]`` whose rate
+    r(b) <= ``target``, r non-decreasing.
 
-    ``next_biases`` says what to probe next (both bracket ends first, then midpoints), ``record`` takes
-    the measured rate; the search is a plain state machine so several models can share each round.
+    ``next_biases`` says what to probe next (the bracket ends first, then evenly spaced inner points),
+    ``record`` takes the measured rate; the search is a plain state machine so several models can
+    share each round. At most ``max_evals`` probes in all.
     """
 
     low: float
@@ -123,6 +131,7 @@ class BiasSearch:
     target: float
     tolerance: float
     max_evals: int
+    per_round: int = 1
     probes: list[dict] = field(default_factory=list)
     """Every probe in order: ``{"reset_bias", "reset_rate", "num"}``."""
     feasible: float | None = None
@@ -131,11 +140,17 @@ class BiasSearch:
     """The smallest probed b with r(b) > target."""
 
     def next_biases(self) -> list[float]:
-        if not self.probes:
-            return [self.low, self.high]
+        if not self.probes:  # both ends, and inner points of the bracket when the budget allows
+            return [self.low, self.high] + self._inner(self.low, self.high, self.max_evals - 2)
         if self.done:
             return []
-        return [(self.feasible + self.infeasible) / 2]
+        return self._inner(self.feasible, self.infeasible, self.max_evals - len(self.probes))
+
+    def _inner(self, low: float, high: float, budget: int) -> list[float]:
+        k = min(self.per_round, budget)
+        if k <= 0 or high - low <= self.tolerance:
+            return []
+        return [low + (high - low) * j / (k + 1) for j in range(1, k + 1)]
 
     @property
     def done(self) -> bool:
@@ -147,13 +162,19 @@ class BiasSearch:
         if reset_rate is None or num == 0:
             raise ValueError(f"the probe at reset_bias={bias:g} has no judged dev row: no reset rate")
         self.probes.append({"reset_bias": bias, "reset_rate": reset_rate, "num": num})
-        if reset_rate <= self.target:
-            self.feasible = bias if self.feasible is None else max(self.feasible, bias)
-        else:
-            self.infeasible = bias if self.infeasible is None else min(self.infeasible, bias)
-        if self.feasible is not None and self.infeasible is not None and self.feasible > self.infeasible:
-            raise ValueError(f"the reset rate is not non-decreasing in b: r({self.feasible:g}) <= "
-                             f"{self.target:g} < r({self.infeasible:g}) (probes: {self.probes})")
+        # Conservative when a round's probes disagree with monotonicity (sampled decoding is noisy): the
+        # smallest b that missed the target bounds the answer; a b above it that met it is reported, not used.
+        missed = [p["reset_bias"] for p in self.probes if p["reset_rate"] > self.target]
+        self.infeasible = min(missed) if missed else None
+        met = [p["reset_bias"] for p in self.probes if p["reset_rate"] <= self.target
+               and (self.infeasible is None or p["reset_bias"] < self.infeasible)]
+        self.feasible = max(met) if met else None
+
+    @property
+    def non_monotone(self) -> list[dict]:
+        """Probes that met the target above a b that missed it: r(b) measured as not non-decreasing."""
+        return [p for p in self.probes if self.infeasible is not None and p["reset_bias"] > self.infeasible
+                and p["reset_rate"] <= self.target]
 
     def result(self) -> dict:
         """The chosen b (None when even ``low`` misses the target), why the search stopped, the bracket."""
@@ -165,9 +186,15 @@ class BiasSearch:
             status = "converged"
         else:
             status = f"max_evals={self.max_evals} probes spent before the tolerance was reached"
-        return {"chosen_bias": self.feasible, "status": status, "converged": status == "converged",
+        converged = status == "converged"
+        if self.non_monotone:
+            where = ", ".join(f"{p['reset_bias']:g}" for p in self.non_monotone)
+            status += (f"; r(b) fell as b rose at b={where} (noise: sampled decoding or few dev prompts), "
+                       "so b stays below them")
+        return {"chosen_bias": self.feasible, "status": status, "converged": converged,
                 "bracket": [self.feasible, self.infeasible], "num_probes": len(self.probes),
-                "probes": sorted(self.probes, key=lambda p: p["reset_bias"])}
+                "probes": sorted(self.probes, key=lambda p: p["reset_bias"]),
+                "non_monotone": self.non_monotone}
 
 
 def search_biases(searches: dict[str, BiasSearch],
@@ -261,7 +288,7 @@ def calibrate(cfg: CalibrateCfg, labels: list[str], log: Callable[[str], None] =
         return out
 
     searches = {label: BiasSearch(cfg.bias_low, cfg.bias_high, cfg.target_reset_rate, cfg.tolerance,
-                                  cfg.max_evals) for label in labels}
+                                  cfg.max_evals, cfg.probes_per_round) for label in labels}
     results = search_biases(searches, evaluate)
 
     # ---- one pipeline: the report sets at b=0 and at each chosen b, the dev set at b=0
