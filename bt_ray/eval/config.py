@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from bt_ray.config import check
+from bt_ray.data.parts import DEFAULT_FRACTIONS, PARTED_SOURCES, part_checks
 from bt_ray.data.synthetic import SyntheticWorldCfg
 from bt_ray.models import ModelCfg
 
 EVAL_DATASETS = (
     "synthetic", "advbench", "malicious-instructions", "simple-safety-tests", "strongreject", "hh-rlhf",
-    "q-harm", "mt-bench",
+    "q-harm", "mt-bench", "xstest",
 )
 
 
@@ -155,7 +156,7 @@ class DatasetCfg:
 
     name: str = "synthetic"
     """One of synthetic, advbench, malicious-instructions, simple-safety-tests, strongreject, hh-rlhf,
-    q-harm, mt-bench."""
+    q-harm, mt-bench, xstest (250 safe prompts, harmful=false, and 200 unsafe contrast prompts)."""
     path: str | None = None
     """File, directory or hub spec; null: $BT_RAY_DATA_DIR layout (module bt_ray.data.sources)."""
     limit: int | None = None
@@ -164,10 +165,26 @@ class DatasetCfg:
     """Field whose value groups prompts into clusters for cluster-aware intervals: category, or a key of
     the prompt's meta; null: meta.cluster when the prompt has it (the synthetic world's (template,
     task)), else each prompt is its own cluster."""
+    part: str | None = None
+    """A seeded part of the set (``bt_ray.data.parts``; hh-rlhf, xstest): train, dev or test, by a stable
+    hash of (part_seed, the first user turn); null: the whole set. Evaluate on dev/test of the file a
+    training source reads part train of; calibrate on xstest dev, report on xstest test."""
+    part_seed: int = 0
+    """Seed of the part assignment (the training source's, for disjoint parts of one file)."""
+    part_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+    """Shares of train, dev, test (sum 1; the chosen part's > 0); xstest, never trained on: [0, 0.5, 0.5]."""
+    max_turns: int | None = None
+    """Answer only the first this many user turns of each prompt (1: MT-Bench's first turns, a single-turn
+    safe set); null: every turn."""
 
     def __post_init__(self):
         check(self, [
             ("name", self.name in EVAL_DATASETS, f"must be one of {', '.join(EVAL_DATASETS)}"),
+            ("part", self.part is None or self.name in PARTED_SOURCES,
+             f"must be null: dataset {self.name!r} cannot be cut into parts "
+             f"(only {', '.join(PARTED_SOURCES)})"),
+            *part_checks(self.part, self.part_seed, self.part_fractions),
+            ("max_turns", self.max_turns is None or self.max_turns >= 1, "must be >= 1 or null"),
             ("cluster_by", self.cluster_by is None or self.cluster_by.strip() != "",
              "must be a field name or null"),
             ("limit", self.limit is None or self.limit >= 1, "must be >= 1 or null"),

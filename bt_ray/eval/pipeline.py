@@ -56,8 +56,11 @@ def load_items(cfg: EvalCfg) -> list[dict]:
     cluster are not independent draws). In order: the value of the dataset's ``cluster_by`` field
     (``category``, or a key of the prompt's ``meta``) when the config names one; else the prompt's
     ``meta["cluster"]`` (the synthetic world's "<template>|<task>"); else the prompt itself
-    (``prompt:<prompt_index>``: only the samples of one prompt are clustered).
+    (``prompt:<prompt_index>``: only the samples of one prompt are clustered). A dataset's ``part`` keeps
+    one seeded part of the set (``bt_ray.data.parts``, the same cut the training loaders make), and
+    ``max_turns`` keeps each prompt's first user turns.
     """
+    from bt_ray.data.parts import EmptyPartError, make_part
     from bt_ray.data.sources import load_prompts
     from bt_ray.data.synthetic import eval_prompts
 
@@ -67,11 +70,15 @@ def load_items(cfg: EvalCfg) -> list[dict]:
             prompts, _ = eval_prompts(cfg.synthetic)
             prompts = prompts[: ds.limit] if ds.limit else prompts
         else:
-            prompts, _ = load_prompts(ds.name, ds.path, limit=ds.limit)
+            part = make_part(ds.part, ds.part_seed, ds.part_fractions)
+            try:
+                prompts, _ = load_prompts(ds.name, ds.path, limit=ds.limit, part=part)
+            except EmptyPartError as e:
+                raise EmptyPartError(f"datasets[{ds.name}].part: {e}") from e
         for i, p in enumerate(prompts):
             items.append({"dataset": p.dataset, "prompt_index": i, "cluster": _cluster(ds, p, i),
                           "location": p.location, "category": p.category, "harmful": p.harmful,
-                          "turns": list(p.turns)})
+                          "turns": list(p.turns[: ds.max_turns])})
     return items
 
 
