@@ -28,8 +28,10 @@ def _xstest_prompt(row: dict, where: _Where) -> PromptExample:
     label = _get_str(row, "label", where)
     if label not in _XSTEST_LABELS:
         raise where.error(f"must be safe or unsafe, got {label!r}", field="label")
+    # Rows name their half: the safe prompts and the contrast prompts are two sets with different
+    # metrics (over-refusal vs unsafe rate), so one eval can hold both without mixing their tables.
     return PromptExample(
-        dataset="xstest",
+        dataset=f"xstest-{label}",
         location=where.location,
         turns=(_get_str(row, "prompt", where),),
         category=_get_str(row, "type", where),
