@@ -67,7 +67,7 @@ def test_real_prompt_sources_from_data_root(shared_datasets, name):
     expected = PROMPT_COUNTS[name]
     assert len(prompts) == expected
     assert (report.num_read, report.num_used, dict(report.skipped)) == (expected, expected, {})
-    assert all(p.dataset == name and p.turns and all(t.strip() for t in p.turns) for p in prompts)
+    assert all(p.dataset.startswith(name) and p.turns and all(t.strip() for t in p.turns) for p in prompts)
     if name == "xstest":  # 250 safe prompts, 200 unsafe contrast prompts
         assert Counter(p.harmful for p in prompts) == {False: 250, True: 200}
     else:
@@ -399,7 +399,7 @@ def test_unknown_source_names():
         assert name in str(info.value)
     with pytest.raises(ValueError, match="'advbench' is a prompt source"):
         load_preferences("advbench")
-    with pytest.raises(ValueError, match="hh-rlhf, oasst2, safety-tuned-llamas"):
+    with pytest.raises(ValueError, match="hh-rlhf, jsonl, oasst2, safety-tuned-llamas"):
         load_preferences("nothing-like-it")
 
 
@@ -595,7 +595,7 @@ def test_hub_failure_is_clear(monkeypatch, no_data_dir_env):
 
 
 def test_registries_list_every_preference_source_and_its_splits():
-    names = {"hh-rlhf", "oasst2", "safety-tuned-llamas"}
+    names = {"hh-rlhf", "jsonl", "oasst2", "safety-tuned-llamas"}
     assert set(PREFERENCE_SOURCES) == set(sources.PREFERENCE_SPLITS) == names
     # Behaviour, not identity: the registry's loader reads the OA fixture through load_preferences.
     examples, report = load_preferences("oasst2", str(OA_TREES))
