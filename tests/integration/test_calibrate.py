@@ -67,8 +67,8 @@ def test_calibration_finds_the_known_bias(ray_cluster, scaled_model, tmp_path, m
         "synthetic.multi_turn_fraction=0",  # single-turn prompts: one first step per row
         f'dev_datasets=[{{"name": "synthetic", "harmful": false, "limit": {NUM_DEV}}}]',
         'report_datasets=[{"name": "synthetic", "harmful": true, "limit": 8}]',
-        f"target_reset_rate={TARGET}", "bias_low=0", "bias_high=30", f"tolerance={TOL}", "max_evals=12",
-        "probes_per_round=3",  # 3 inner points a round: 3 pipelines, not 7
+        f"target_reset_rate={TARGET}", "bias_low=0", "bias_high=30", f"tolerance={TOL}", "max_evals=16",
+        "probes_per_round=7",  # 7 inner points a round: 2 rounds (one pipeline each), not 7
         "ray_num_cpus=2", "bootstrap_resamples=100"])
     margins = sorted(_margins(scaled_model, cfg))
 
@@ -81,7 +81,7 @@ def test_calibration_finds_the_known_bias(ray_cluster, scaled_model, tmp_path, m
     summary = job["main"](cfg)
 
     res = summary["models"]["scaled"]
-    assert res["converged"] and res["num_probes"] <= 12
+    assert res["converged"] and res["num_probes"] <= 16
     b, (low, high) = res["chosen_bias"], res["bracket"]
     assert b == low and high - low <= TOL
     assert known - TOL - 1e-3 <= b <= known + 1e-3, (b, known, margins)
