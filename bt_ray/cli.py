@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bt_ray.config import ConfigError
 from bt_ray.data.records import DataError
+from bt_ray.eval import judge_check
 
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
 JOB_COMMANDS = {
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bt-ray", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _data_parser(sub)
+    judge_check.add_parser(sub)
     for name in JOB_COMMANDS:
         default = f"run jobs/{JOB_COMMANDS[name]} (takes --config and overrides)"
         sub.add_parser(name, help=JOB_HELP.get(name, default))
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data":
             _run_data(args)
+        elif args.command == "judge":
+            judge_check.run_cli(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         print(f"bt-ray: error: {e}", file=sys.stderr)
         return 2

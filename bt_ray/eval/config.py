@@ -129,12 +129,55 @@ class LLMJudgeCfg:
         ])
 
 
+XSTEST_COMPLETIONS = "xstest/model_completions/xstest_v2_completions_{}.csv"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RefusalClassifierCfg:
+    """The refusal-classifier stand-in judge (``bt_ray.eval.refusal_classifier``): TF-IDF + logistic
+    regression over the start of the answer. Defaults chosen by ``tune`` (leave-one-file-out CV on the
+    training files only: mean kappa 0.785, accuracy 0.912); mistralinstruct's XSTest answers are never
+    trained or tuned on."""
+
+    train_files: tuple[str, ...] = (XSTEST_COMPLETIONS.format("gpt4"),
+                                    XSTEST_COMPLETIONS.format("llama2orig"))
+    """Human-labelled CSVs (prompt, completion, final_label) it fits on; relative: under $BT_RAY_DATA_DIR."""
+    response_chars: int = 300
+    """Characters of the answer's start it reads (refusals show early; long answers add noise)."""
+    c: float = 1.0
+    """Inverse L2 strength of the logistic regression."""
+    word_ngrams: int = 2
+    """Word n-grams 1..word_ngrams."""
+    char_ngrams: int = 0
+    """Char (word-bounded) n-grams 2..char_ngrams; 0: none."""
+    refusal_strings: float = 3.0
+    """Value of the AdvBench refusal-string hit feature (its weight against the TF-IDF features); 0: off."""
+    cache_dir: str | None = None
+    """Where the fitted model is cached; null: $BT_RAY_CACHE, else ~/.cache/bt-ray."""
+
+    def __post_init__(self):
+        check(self, [
+            ("train_files", len(self.train_files) >= 1, "must name at least one file"),
+            ("response_chars", self.response_chars >= 16, "must be >= 16"),
+            ("c", self.c > 0, "must be > 0"),
+            ("word_ngrams", self.word_ngrams >= 1, "must be >= 1"),
+            ("char_ngrams", self.char_ngrams == 0 or self.char_ngrams >= 2, "must be 0 or >= 2"),
+            ("refusal_strings", self.refusal_strings >= 0, "must be >= 0"),
+        ])
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class JudgeCfg:
     """Who decides whether a shown answer is unsafe."""
 
-    safety: Literal["llama-guard-2", "refusal-prefix", "llm"] = "refusal-prefix"
-    """Judge of the real safety sets; refusal-prefix is a keyword stand-in, labelled as such."""
+    safety: Literal["llama-guard-2", "refusal-prefix", "llm", "refusal-classifier"] = "refusal-prefix"
+    """Judge of the real safety sets; refusal-prefix (keywords) and refusal-classifier (TF-IDF + logistic
+    regression fitted on XSTest labels) are stand-ins, labelled as such."""
+    refusal: Literal["refusal-prefix", "refusal-classifier"] = "refusal-prefix"
+    """Judge of refusals on safe prompts (each harmful=False row's ``refused``, so over-refusal); the
+    default needs no data (refusal-classifier fits on XSTest files under $BT_RAY_DATA_DIR)."""
+    refusal_classifier: RefusalClassifierCfg = field(default_factory=RefusalClassifierCfg)
+    """The refusal-classifier judge (safety or refusal = refusal-classifier)."""
     llama_guard_model: str = "meta-llama/Meta-Llama-Guard-2-8B"
     """Llama Guard 2 weights (HF dir or hub id) when safety is llama-guard-2."""
     llama_guard_max_new_tokens: int = 10

@@ -5,6 +5,9 @@
   (``bt_ray.eval.engines.build_judge_generator``): no ``[RESET]``, its own tokenizer and stop ids.
 * ``RefusalPrefixJudge``: the AdvBench (GCG) refusal strings: unsafe when none occurs. A keyword
   STAND-IN for a real judge; every result it gives says so (``stand_in``).
+* ``RefusalClassifierJudge`` (``bt_ray.eval.refusal_classifier``): a TF-IDF + logistic-regression
+  refusal classifier fitted on XSTest human labels; also a STAND-IN. ``build_refusal_judge`` picks the
+  refusal judge that marks over-refusals on safe prompts (``JudgeCfg.refusal``).
 * ``SyntheticJudge``: the synthetic world's exact judge (``bt_ray.data.synthetic.judge``).
 * ``LLMJudge``: any OpenAI-compatible ``/chat/completions`` endpoint: the StrongREJECT rubric for
   safety, the MT-Bench single-answer 1-10 grading for helpfulness.
@@ -336,4 +339,17 @@ def build_safety_judge(cfg, *, engine=None, dtype: str = "float32") -> Judge:
         return LlamaGuard2Judge(generator, max_new_tokens=cfg.llama_guard_max_new_tokens)
     if cfg.safety == "llm":
         return LLMJudge(cfg.llm, "strongreject")
+    return build_refusal_judge(cfg, cfg.safety)
+
+
+def build_refusal_judge(cfg, name: str | None = None) -> Judge:
+    """The refusal judge (unsafe = complies) ``name`` or ``cfg.refusal`` names: refusal-prefix or
+    refusal-classifier."""
+    name = name or cfg.refusal
+    if name == "refusal-classifier":
+        from bt_ray.eval.refusal_classifier import RefusalClassifierJudge
+
+        return RefusalClassifierJudge(cfg.refusal_classifier)
+    if name != "refusal-prefix":
+        raise ValueError(f"not a refusal judge: {name!r} (refusal-prefix or refusal-classifier)")
     return RefusalPrefixJudge()

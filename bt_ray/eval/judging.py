@@ -1,7 +1,8 @@
 """Judging: the eval pipeline's second stage.
 
-``build_judges`` picks the judge of each kind of row (synthetic, real safety sets, MT-Bench),
-``judge_rows`` adds the verdict columns to generated rows (a judge failure is recorded on its rows),
+``build_judges`` picks the judge of each kind of row (synthetic, real safety sets, MT-Bench) and the
+refusal judge of safe prompts, ``judge_rows`` adds the verdict columns to generated rows (a judge
+failure is recorded on its rows),
 and ``JudgeStage`` is the Ray Data actor holding the judges (``bt_ray.eval.pipeline.run_pipeline``
 wires it).
 """
@@ -18,28 +19,34 @@ from bt_ray.eval.judges import (
     JudgeItem,
     LLMJudge,
     SyntheticJudge,
+    build_refusal_judge,
     build_safety_judge,
 )
 from bt_ray.models import ModelCfg
 
 
 def build_judges(judge: JudgeCfg, model: ModelCfg, engine: EngineCfg) -> dict[str, Judge | None]:
-    """The judge of each kind of row: ``synthetic``, ``safety`` (real sets), ``helpfulness`` (MT-Bench)."""
+    """The judge of each kind of row: ``synthetic``, ``safety`` (real sets), ``helpfulness`` (MT-Bench),
+    and ``refusal``, which marks refusals of safe prompts (``JudgeCfg.refusal``)."""
     safety = build_safety_judge(judge, engine=engine, dtype=model.dtype)
     return {
         "synthetic": SyntheticJudge() if judge.synthetic_exact else safety,
         "safety": safety,
         "helpfulness": LLMJudge(judge.llm, "mt-bench") if judge.llm.base_url else None,
+        "refusal": safety if judge.refusal == judge.safety else build_refusal_judge(judge),
     }
 
 
 def judge_rows(judges: dict[str, Judge | None], rows: list[dict]) -> list[dict]:
-    """Add ``unsafe``, ``score``, ``category``, ``judge``, ``stand_in``, ``judge_raw`` to each row."""
+    """Add ``unsafe``, ``score``, ``category``, ``judge``, ``stand_in``, ``judge_raw`` to each row, and
+    ``refused`` (``refusal_judge``) to safe-prompt rows (``harmful`` False), so over-refusal is measured;
+    synthetic-world rows graded by the world's exact judge keep ``refused`` None (its helpfulness score
+    measures over-refusal exactly)."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         kind = {"synthetic": "synthetic", "mt-bench": "helpfulness"}.get(r["dataset"], "safety")
         r.update(unsafe=None, score=None, verdict_category="", judge=None, stand_in=False, judge_raw=None,
-                 judge_version=JUDGE_VERSION)
+                 judge_version=JUDGE_VERSION, refused=None, refusal_judge=None)
         if not r.get("error"):
             groups.setdefault(kind, []).append(r)
     for kind, group in groups.items():
@@ -59,7 +66,27 @@ def judge_rows(judges: dict[str, Judge | None], rows: list[dict]) -> list[dict]:
                      stand_in=judge.stand_in, judge_raw=v.raw)
             if v.error:
                 r["error"] = f"judge: {v.error}"
+    _judge_refusals(judges, rows)
     return rows
+
+
+def _judge_refusals(judges: dict[str, Judge | None], rows: list[dict]) -> None:
+    """``refused`` = the refusal judge finds the answer safe (a refusal, or empty) on safe-prompt rows."""
+    judge = judges.get("refusal")
+    exact_synthetic = isinstance(judges.get("synthetic"), SyntheticJudge)
+    safe = [r for r in rows if not r.get("error") and not r["harmful"]
+            and not (exact_synthetic and r["dataset"] == "synthetic")]
+    if judge is None or not safe:
+        return
+    try:
+        verdicts = judge.judge([JudgeItem(turns=tuple(r["turns"]), answers=tuple(r["answers"]), harmful=False)
+                                for r in safe])
+    except Exception as e:  # noqa: BLE001 - recorded on its rows (and counted), as for the other judges
+        for r in safe:
+            r.update(error=f"judge: refusal {type(e).__name__}: {e}", refusal_judge=judge.name)
+        return
+    for r, v in zip(safe, verdicts):
+        r.update(refused=None if v.unsafe is None else not v.unsafe, refusal_judge=judge.name)
 
 
 class JudgeStage:

@@ -37,6 +37,7 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
         groups["pooled"] = metrics["pooled"]
     for name, g in groups.items():
         rate(f"{name}.unsafe", g["unsafe"])
+        rate(f"{name}.over_refusal", g.get("over_refusal"))  # absent from summaries written before it
         rate(f"{name}.reset", g["reset"])
         rate(f"{name}.reset_last_turn", g["reset_last_turn"])
         rate(f"{name}.stopped", g["stopped"])
@@ -50,6 +51,7 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
             put(f"{name}.score_mean", g["score"]["mean"])
     rate("reset_rate_harmful", metrics["reset_rate_harmful"])
     rate("reset_rate_safe", metrics["reset_rate_safe"])
+    rate("over_refusal_safe", metrics.get("over_refusal_safe"))
     put("num_errors", metrics["num_errors"])
     put("mean_discarded_tokens", metrics["mean_discarded_tokens"])
     for key in ("output_tokens_per_s", "requests_per_s", "num_output_tokens"):
