@@ -1,5 +1,5 @@
-"""The whole method as one job: data -> (sweep) -> (pretrain) -> SFT -> DPO -> eval -> attacks -> serve
-check -> report, for baseline and backtracking.
+"""The whole method as one job: data -> (sweep) -> (pretrain) -> (on-policy data) -> SFT -> DPO -> eval ->
+(calibration) -> attacks -> serve check -> report, for baseline and backtracking.
 
 Run as:
     make demo                                    # = python jobs/pipeline.py --preset demo
@@ -9,10 +9,10 @@ Run as:
     ray job submit --working-dir . -- python jobs/pipeline.py --preset demo
 
 A preset is jobs/configs/pipeline_<preset>.yaml (demo, smollm2-cpu, paper-gemma2-2b, paper-llama3-8b).
-Each stage is an ordinary job (jobs/sft.py, dpo.py, sweep.py, eval.py, attack.py, serve.py) run in this
-process with its own config; a stage that completes writes <run_dir>/stages/<stage>.json, and a rerun
-with the same config skips it, so a killed run resumes at the stage that was running (training from its
-checkpoints). The terminal shows one line per stage start and end and a progress bar; each stage's
+Each stage is an ordinary job (jobs/sft.py, dpo.py, sweep.py, onpolicy.py, eval.py, calibrate.py, attack.py,
+serve.py) run in this process with its own config; a stage that completes writes
+<run_dir>/stages/<stage>.json, and a rerun with the same config skips it, so a killed run resumes at the
+stage that was running (training from its checkpoints). The terminal shows one line per stage start and end and a progress bar; each stage's
 output (Ray and vLLM worker logs included) goes to <run_dir>/logs/<stage>.log unless verbose=true.
 Every job logs into one MLflow experiment, under one parent run per pipeline run (reopened on rerun).
 At the end: Table 1, the comparisons in plain words, and the report's path.
@@ -53,7 +53,7 @@ def parse_args(argv=None) -> PipelineCfg:
 def run_stages(cfg: PipelineCfg, run_dir: Path, run: StageRunner) -> dict:
     """Every stage in order; returns the summary the report and the final table read."""
     job = {name: runpy.run_path(str(JOBS / f"{name}.py"))["main"]
-           for name in ("sft", "dpo", "sweep", "eval", "attack")}
+           for name in ("sft", "dpo", "sweep", "eval", "attack", "onpolicy", "calibrate")}
     model_dir = run_dir / "model-init"
 
     # ---- data + model: the model with [RESET], which the first training stage starts from
@@ -86,6 +86,14 @@ def run_stages(cfg: PipelineCfg, run_dir: Path, run: StageRunner) -> dict:
         sweep = run.run("sweep", c, lambda: job["sweep"](c), after=(base_stage,),
                         what="the hyperparameter grid")
 
+    # ---- on-policy data: the base model's own judged answers become y- (and its benign answers y+)
+    data = None
+    if cfg.onpolicy_config is not None:
+        c = stages.onpolicy_cfg(cfg, run_dir, base)
+        data = run.run("onpolicy", c, lambda: job["onpolicy"](c), after=(base_stage,),
+                       requires=lambda o: [c.out], what="the base model's judged answers to training prompts")
+        base_stage = "onpolicy"
+
     # ---- SFT, then DPO from it, per recipe
     for kind in ("baseline", "backtrack"):
         c = stages.sft_cfg(cfg, run_dir, base, kind)
@@ -106,10 +114,17 @@ def run_stages(cfg: PipelineCfg, run_dir: Path, run: StageRunner) -> dict:
     # ---- eval: every aligned model side by side, baseline vs backtracking per stage
     evaluation = None
     if cfg.eval_config is not None:
-        c = stages.eval_cfg(cfg, run_dir, models)
+        c = stages.eval_cfg(cfg, run_dir, {"base": base, **models} if cfg.eval_base else models)
         evaluation = run.run("eval", c, lambda: job["eval"](c), after=tuple(model_stage.values()),
                              requires=lambda o: [o["run_dir"] + "/summary.json"],
                              what=f"{len(c.models)} models, {', '.join(d.name for d in c.datasets)}")
+
+    # ---- calibration of the backtracking models' [RESET] bias on a safe dev set
+    calibration = None
+    if cfg.calibrate_config is not None:
+        c = stages.calibrate_cfg(cfg, run_dir, models)
+        calibration = run.run("calibrate", c, lambda: job["calibrate"](c), after=("eval",),
+                              what=f"the [RESET] bias of {', '.join(c.labels)}")
 
     # ---- attacks on the DPO models (SFT without DPO)
     attacks = {}
@@ -132,8 +147,8 @@ def run_stages(cfg: PipelineCfg, run_dir: Path, run: StageRunner) -> dict:
         served = run.run("serve", c, lambda: stages.serve_check(cfg, c, JOBS), after=(model_stage[target],),
                          what=f"{target} behind the OpenAI API, asked with the openai client")
 
-    return {"model": init, "models": models, "trained": trained, "sweep": sweep, "eval": evaluation,
-            "attacks": attacks, "served": served}
+    return {"model": init, "models": models, "trained": trained, "sweep": sweep, "data": data,
+            "eval": evaluation, "calibration": calibration, "attacks": attacks, "served": served}
 
 
 def main(cfg: PipelineCfg) -> dict:

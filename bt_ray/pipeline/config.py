@@ -42,6 +42,10 @@ class PipelineCfg:
     pretrain_config: str | None = "jobs/configs/sft_tiny_pretrain.yaml"
     """SFT config that makes the base model (complies with everything, like a real base model);
     null starts SFT from the pipeline's model directly (real base models)."""
+    onpolicy_config: str | None = None
+    """On-policy data config (jobs/onpolicy.py) run from the base model before SFT: its own answers to
+    the training prompts, judged, become y- (PAPER.md section 4's open option); SFT and DPO then read
+    that file (a jsonl source, judge_filter column). null: the training configs' own sources."""
     sft_config: str | None = "jobs/configs/sft_tiny_demo.yaml"
     """SFT config run once per recipe (baseline-sft, backtrack-sft); null stops after building the model."""
     dpo_config: str | None = "jobs/configs/dpo_tiny_demo.yaml"
@@ -54,8 +58,17 @@ class PipelineCfg:
     model.* and data.synthetic.* are not allowed here: set the pipeline's own model and synthetic."""
     eval_config: str | None = "jobs/configs/eval_demo.yaml"
     """Eval config comparing every aligned model (safety, worst-of-k, bias sweep, helpfulness); null skips."""
+    eval_base: bool = False
+    """Evaluate the base model (the model SFT starts from) beside the aligned ones, labelled base."""
     eval_overrides: tuple[str, ...] = ()
     """Dotted overrides of the eval stage (e.g. engine.kind=hf)."""
+    calibrate_config: str | None = None
+    """Calibration config (jobs/calibrate.py) run on the backtracking models after eval: the [RESET] bias
+    whose reset rate on a safe dev set meets a target, and the safety it buys; null skips it."""
+    calibrate_overrides: tuple[str, ...] = ()
+    """Dotted overrides of the calibration stage."""
+    onpolicy_overrides: tuple[str, ...] = ()
+    """Dotted overrides of the on-policy data stage."""
     attack_config: str | None = "jobs/configs/attack_demo.yaml"
     """Attack config run on the DPO models (the SFT models without DPO); null skips attacks."""
     attacks: tuple[str, ...] = ("prefill",)
@@ -96,7 +109,8 @@ class PipelineCfg:
              f"must not set the model or the world the pipeline forwards to every stage ({forked}); "
              "set the pipeline's model.* / synthetic.* instead"),
             *((f"{name}_overrides", all("=" in o for o in getattr(self, f"{name}_overrides")),
-               "must be dotted key=value items") for name in ("stage", "eval", "attack", "serve")),
+               "must be dotted key=value items") for name in ("stage", "eval", "attack", "serve", "calibrate",
+                                                          "onpolicy")),
         ])
 
 

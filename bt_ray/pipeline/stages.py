@@ -13,8 +13,9 @@ from pathlib import Path
 from bt_ray import config
 from bt_ray.pipeline.config import PipelineCfg
 
-# Eval columns pair up: baseline-sft, backtrack-sft, baseline-dpo, backtrack-dpo.
+# Eval columns pair up: baseline-sft, backtrack-sft, baseline-dpo, backtrack-dpo (after base, when evaluated).
 ALIGNED = [f"{kind}-{stage}" for stage in ("sft", "dpo") for kind in ("baseline", "backtrack")]
+ONPOLICY_FILE = "data/onpolicy.jsonl"
 
 
 def world_overrides(cfg: PipelineCfg, prefix: str) -> list[str]:
@@ -25,6 +26,23 @@ def world_overrides(cfg: PipelineCfg, prefix: str) -> list[str]:
 def _training(cfg: PipelineCfg, run_dir: Path) -> list[str]:
     return [f"run.root={run_dir / 'runs'}", f"mlflow.experiment={cfg.experiment}",
             *world_overrides(cfg, "data.synthetic"), *cfg.stage_overrides]
+
+
+def _onpolicy_data(cfg: PipelineCfg, run_dir: Path) -> list[str]:
+    """SFT and DPO read the on-policy file, with the labels it holds, when the pipeline made one."""
+    if cfg.onpolicy_config is None:
+        return []
+    source = [{"name": "jsonl", "path": str(run_dir / ONPOLICY_FILE)}]
+    return ["data.path=null", "data.sources=" + json.dumps(source), 'data.judge_filter="column"']
+
+
+def onpolicy_cfg(cfg: PipelineCfg, run_dir: Path, base: str):
+    """The on-policy data step from ``base``: its judged answers to the training prompts."""
+    from bt_ray.data.onpolicy import OnPolicyCfg
+
+    return config.load(OnPolicyCfg, cfg.onpolicy_config, [
+        f"model.name={base}", f"out={run_dir / ONPOLICY_FILE}",
+        *cfg.onpolicy_overrides])
 
 
 def pretrain_cfg(cfg: PipelineCfg, run_dir: Path, model_dir: str):
@@ -40,7 +58,8 @@ def sft_cfg(cfg: PipelineCfg, run_dir: Path, base: str, kind: str):
     from bt_ray.train.config import SFTJobCfg
 
     return config.load(SFTJobCfg, cfg.sft_config, [
-        *_training(cfg, run_dir), f"model.name={base}", f"data.recipe={kind}-sft", f"run.name=sft-{kind}"])
+        *_training(cfg, run_dir), *_onpolicy_data(cfg, run_dir), f"model.name={base}",
+        f"data.recipe={kind}-sft", f"run.name=sft-{kind}"])
 
 
 def dpo_cfg(cfg: PipelineCfg, run_dir: Path, sft_model: str, kind: str):
@@ -48,8 +67,8 @@ def dpo_cfg(cfg: PipelineCfg, run_dir: Path, sft_model: str, kind: str):
     from bt_ray.train.config import DPOJobCfg
 
     return config.load(DPOJobCfg, cfg.dpo_config, [
-        *_training(cfg, run_dir), f"model.name={sft_model}", f"data.recipe={kind}-dpo",
-        f"run.name=dpo-{kind}"])
+        *_training(cfg, run_dir), *_onpolicy_data(cfg, run_dir), f"model.name={sft_model}",
+        f"data.recipe={kind}-dpo", f"run.name=dpo-{kind}"])
 
 
 def sweep_cfg(cfg: PipelineCfg, run_dir: Path, base_model: str):
@@ -66,8 +85,9 @@ def sweep_cfg(cfg: PipelineCfg, run_dir: Path, base_model: str):
 
 
 def aligned_models(models: dict[str, str]) -> dict[str, str]:
-    """The aligned models in table order (baseline, backtrack per stage), from ``{label: model dir}``."""
-    return {label: models[label] for label in ALIGNED if label in models}
+    """The aligned models in table order (base when present, then baseline, backtrack per stage), from
+    ``{label: model dir}``."""
+    return {label: models[label] for label in ("base", *ALIGNED) if label in models}
 
 
 def eval_cfg(cfg: PipelineCfg, run_dir: Path, models: dict[str, str]):
@@ -85,6 +105,21 @@ def eval_cfg(cfg: PipelineCfg, run_dir: Path, models: dict[str, str]):
         f"mlflow_experiment={cfg.experiment}",
         *world_overrides(cfg, "synthetic"),
         *cfg.eval_overrides,
+    ])
+
+
+def calibrate_cfg(cfg: PipelineCfg, run_dir: Path, models: dict[str, str]):
+    """Calibration of the backtracking models' [RESET] bias (``calibrate_config``)."""
+    from bt_ray.eval.calibrate import CalibrateCfg
+
+    back = {k: v for k, v in aligned_models(models).items() if k.startswith("backtrack-")}
+    return config.load(CalibrateCfg, cfg.calibrate_config, [
+        f"run_dir={run_dir / 'calibrate'}",
+        "models=" + json.dumps(list(back.values())),
+        "labels=" + json.dumps(list(back)),
+        f"mlflow_experiment={cfg.experiment}",
+        *world_overrides(cfg, "synthetic"),
+        *cfg.calibrate_overrides,
     ])
 
 
