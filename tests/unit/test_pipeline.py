@@ -53,6 +53,23 @@ def test_every_preset_loads_and_every_stage_config_validates(preset, monkeypatch
         assert at.attack.kind == kind and list(at.labels) == ["baseline-dpo", "backtrack-dpo"]
         assert [list(p) for p in at.compare] == [["baseline-dpo", "backtrack-dpo"]]
     assert stages.serve_cfg(cfg, "/m/kd").model.name == "/m/kd"
+    if cfg.onpolicy_config:  # the on-policy file is made from the base model and read by SFT and DPO
+        data = stages.onpolicy_cfg(cfg, tmp_path, "/m/base")
+        assert data.model.name == "/m/base" and data.out == str(tmp_path / stages.ONPOLICY_FILE)
+        for train in (stages.sft_cfg(cfg, tmp_path, "/m/base", "backtrack"),
+                      stages.dpo_cfg(cfg, tmp_path, "/m/sft", "backtrack")):
+            assert [(s.name, s.path) for s in train.data.sources] == [("jsonl", data.out)]
+            assert train.data.judge_filter == "column" and train.data.path is None
+    if cfg.eval_base:
+        ev = stages.eval_cfg(cfg, tmp_path, {"base": "/m/base", **models})
+        assert list(ev.labels) == ["base", *stages.ALIGNED] and ev.models[0] == "/m/base"
+        assert [list(p) for p in ev.compare] == [["baseline-sft", "backtrack-sft"],
+                                                 ["baseline-dpo", "backtrack-dpo"]]
+    if cfg.calibrate_config:
+        cal = stages.calibrate_cfg(cfg, tmp_path, {"base": "/m/base", **models})
+        assert list(cal.labels) == ["backtrack-sft", "backtrack-dpo"]
+        assert cal.mlflow_experiment == cfg.experiment
+        assert list(cal.models) == ["/m/backtrack-sft", "/m/backtrack-dpo"]
     text = Path(config_path := REPO / f"jobs/configs/pipeline_{preset.replace('-', '_')}.yaml").read_text()
     if preset.startswith("paper-"):
         assert text.startswith("# CLUSTER-ONLY"), config_path
