@@ -87,9 +87,11 @@ def attacks_in_words(summary: dict) -> list[str]:
 
 
 def report_stage(run_dir: Path, console: Console) -> Path | None:
-    """report.md with plots (bt_ray.report), when that package is installed; else one line."""
+    """report.md with plots (bt_ray.report), when that package is installed; else one line. report.md and
+    its PNGs then go to the pipeline's parent MLflow run (artifact path "report"; the run's id and store
+    are in <run_dir>/summary.json, written before this stage)."""
     try:
-        from bt_ray.report import write_report
+        from bt_ray.report import log_to_parent_run, write_report
     except ImportError:
         console.say("-- report: skipped (bt_ray.report is not installed in this checkout)")
         return None
@@ -97,7 +99,11 @@ def report_stage(run_dir: Path, console: Console) -> Path | None:
     console.say("-> report")
     with console.capture("report") as log:
         path = write_report(run_dir)
+        logged = log_to_parent_run(run_dir, path)
     console.say(f"   report done in {elapsed(t0)}; log: {log}")
+    if logged:
+        run_id, artifacts = logged
+        console.say(f"   report.md and {len(artifacts) - 1} figures stored in MLflow run {run_id} (report/)")
     return Path(path)
 
 

@@ -3,7 +3,8 @@
 ``write_report(run_dir)`` finds each part by its summary files (``collect``), so it reads a demo or
 pipeline run dir as well as an eval or attack job's own; a part that is absent gets one line saying it
 was not run. The tables and plots reuse the eval's and attacks' own helpers, so the report's numbers
-are the ones those jobs print.
+are the ones those jobs print. ``artifacts.log_to_parent_run`` stores report.md and its PNGs in the
+pipeline's parent MLflow run.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from pathlib import Path
 from bt_ray.attacks.report import prefill_curve, table2
 from bt_ray.eval.report import format_pairs, side_by_side
 from bt_ray.report import markdown as md
-from bt_ray.report import plots
+from bt_ray.report import plots, sections
+from bt_ray.report.artifacts import log_to_parent_run
 from bt_ray.report.collect import Run, collect
 
-__all__ = ["collect", "render", "write_report"]
+__all__ = ["collect", "log_to_parent_run", "render", "write_report"]
 
 
 def _image(title: str, path: Path, out_dir: Path) -> str:
@@ -53,6 +55,12 @@ def render(run: Run, out_dir: Path) -> str:
         if curve:
             parts.append(_image("prefilling attack: ASR and recovery against k", curve, out_dir))
 
+    parts.append("## Calibrated [RESET] bias\n")
+    if run.calibration is None:
+        parts.append(md.not_run("Calibration", f"no calibration.json under {run.dir}"))
+    else:
+        parts.append(sections.calibration(run.calibration, out_dir, _image))
+
     parts.append("## Plots\n")
     parts.append("### [RESET] bias trade-off\n")
     sweep = plots.bias_sweep_plot(ev, out_dir) if ev else None
@@ -62,6 +70,13 @@ def render(run: Run, out_dir: Path) -> str:
     wok = plots.worst_of_k_plot(plots.worst_of_k_curves(ev), out_dir / "worst_of_k.png") if ev else None
     parts.append(_image("unsafe % against k", wok, out_dir) if wok else
                  md.not_run("Worst-of-k", "no model in the eval has worst_of_k" if ev else "no eval"))
+
+    parts.append("## Training data\n")
+    if not run.training_data:
+        parts.append(md.not_run("Training data summary", f"no data/*.summary.json of on-policy data under "
+                                f"{run.dir}"))
+    for data in run.training_data:
+        parts.append(sections.training_data(data))
 
     parts.append("## Training\n")
     if not run.training:
@@ -82,9 +97,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         FileNotFoundError: ``run_dir`` is not a directory, or holds no eval, attack or training output.
     """
     run = collect(run_dir)
-    if run.eval is None and run.attacks is None and not run.training:
-        raise FileNotFoundError(f"{run_dir} holds no eval summary, attack summary or training run "
-                                "(metrics.jsonl beside a summary.json): nothing to report")
+    if run.eval is None and run.attacks is None and not run.training and run.calibration is None:
+        raise FileNotFoundError(f"{run_dir} holds no eval summary, attack summary, calibration.json or "
+                                "training run (metrics.jsonl beside a summary.json): nothing to report")
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.md"

@@ -5,7 +5,10 @@ job's own run dir is one part alone. So each part is found by what its files hol
 name: an eval summary has ``models`` with per-model ``metrics`` and ``comparisons``
 (jobs/eval.py), an attack summary has ``table2`` and ``attack`` (jobs/attack.py), and a training run is
 a folder with ``metrics.jsonl`` beside a ``summary.json`` that names its ``stage`` (jobs/sft.py,
-jobs/dpo.py). Every part is optional; ``Run`` says which were found.
+jobs/dpo.py). A calibration (jobs/calibrate.py) is its ``calibration.json``, found the same way; the
+training data's summary is ``<out>.summary.json`` beside an on-policy data file (jobs/onpolicy.py: it
+counts per ``sources`` and per ``rules``), under ``data/`` of a pipeline run dir. Every part is optional;
+``Run`` says which were found.
 """
 
 from __future__ import annotations
@@ -52,6 +55,23 @@ class TrainingRun:
 
 
 @dataclasses.dataclass
+class Calibration:
+    """A calibration job's output: the chosen [RESET] bias per model and what it buys."""
+
+    dir: Path  # the calibration run dir (holds calibration.json, calibration.png, <label>/report_*/)
+    summary: dict  # its calibration.json
+    report_metrics: dict[str, dict[str, dict]]  # label -> "b0" | "chosen" -> that report pass's metrics.json
+
+
+@dataclasses.dataclass
+class DataSummary:
+    """An on-policy data file's summary (counts per source and per rule, the judge)."""
+
+    path: Path  # the <out>.summary.json
+    summary: dict
+
+
+@dataclasses.dataclass
 class Run:
     """What a run dir holds; a part is None (or empty) when the run dir has none."""
 
@@ -61,6 +81,8 @@ class Run:
     attacks: Attacks | None
     training: list[TrainingRun]
     provenance: dict[str, str]  # command, git_sha, date, config: those that are recorded
+    calibration: Calibration | None = None
+    training_data: list[DataSummary] = dataclasses.field(default_factory=list)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -71,15 +93,15 @@ def _read_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _summaries(run_dir: Path) -> list[tuple[Path, dict]]:
-    """Every ``summary.json`` within MAX_DEPTH folders of ``run_dir``, shallowest first."""
+def _summaries(run_dir: Path, name: str = "summary.json") -> list[tuple[Path, dict]]:
+    """Every ``name`` (a JSON object) within MAX_DEPTH folders of ``run_dir``, shallowest first."""
     found = []
     for root, dirs, files in os.walk(run_dir):
         depth = len(Path(root).relative_to(run_dir).parts)
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("checkpoint")
                          and depth < MAX_DEPTH)
-        if "summary.json" in files:
-            data = _read_json(Path(root) / "summary.json")
+        if name in files:
+            data = _read_json(Path(root) / name)
             if data is not None:
                 found.append((depth, Path(root), data))
     found.sort(key=lambda t: (t[0], str(t[1])))
@@ -115,6 +137,41 @@ def _attacks(path: Path, summary: dict) -> Attacks:
             results.setdefault(p.parent.parent.name, {})[p.parent.name] = data
     order = [label for label in summary.get("models", {}) if label in results]
     return Attacks(path, summary, results, order + [label for label in results if label not in order])
+
+
+def is_calibration(data: dict) -> bool:
+    models = data.get("models")
+    return ("target_reset_rate" in data and isinstance(models, dict)
+            and all(isinstance(m, dict) and "probes" in m for m in models.values()))
+
+
+def _calibration(path: Path, summary: dict) -> Calibration:
+    """calibration.json and, per model, the metrics.json of its report passes at b=0 and at the chosen b
+    (jobs/calibrate.py writes them under <label>/report_b0 and <label>/report_chosen): they hold the safe
+    report sets' reset and over-refusal rates, which calibration.json does not."""
+    metrics: dict[str, dict[str, dict]] = {}
+    for label in summary["models"]:
+        for point, folder in (("b0", "report_b0"), ("chosen", "report_chosen")):
+            data = _read_json(path / label / folder / "metrics.json")
+            if data is not None:
+                metrics.setdefault(label, {})[point] = data
+    return Calibration(path, summary, metrics)
+
+
+def is_data_summary(data: dict) -> bool:
+    return isinstance(data.get("sources"), list) and isinstance(data.get("rules"), dict)
+
+
+def _training_data(run_dir: Path) -> list[DataSummary]:
+    """On-policy data summaries in ``run_dir/data/`` (a pipeline's) or ``run_dir`` (an on-policy job's out
+    folder); ``data/`` is otherwise skipped, as it holds the (large) data files."""
+    found = []
+    for folder in (run_dir / "data", run_dir):
+        for path in sorted(folder.glob("*.summary.json")):
+            data = _read_json(path)
+            if data is not None and is_data_summary(data):
+                found.append(DataSummary(path, data))
+    return found
 
 
 def _provenance(run_dir: Path, summary: dict | None, training: list[TrainingRun]) -> dict[str, str]:
@@ -159,8 +216,10 @@ def collect(run_dir: str | Path) -> Run:
             training.append(TrainingRun(str(path.relative_to(run_dir)), str(data["stage"]), path, data))
     training.sort(key=lambda t: t.name)
     own = _read_json(run_dir / "summary.json")
+    calibrations = [(p, d) for p, d in _summaries(run_dir, "calibration.json") if is_calibration(d)]
     return Run(run_dir, own, _eval(*evals[0]) if evals else None, _attacks(*attacks[0]) if attacks else None,
-               training, _provenance(run_dir, own, training))
+               training, _provenance(run_dir, own, training),
+               _calibration(*calibrations[0]) if calibrations else None, _training_data(run_dir))
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -7,12 +7,23 @@ from __future__ import annotations
 from bt_ray.eval.metrics import POOLED_SAFETY_SETS
 from bt_ray.report.collect import Attacks, Eval, TrainingRun
 
+# Safe sets whose answered share is Table 1's helpfulness proxy (no LLM judge is reachable to grade them).
+HELPFULNESS_PROXY_SETS = ("mt-bench",)
+
 
 def _pct(r: dict | None) -> str:
     """``17.2 [14.4, 20.4] n=600``: a rate in percent with its Wilson 95% CI and its n."""
     if not r or r.get("rate") is None:
         return "-"
     return f"{100 * r['rate']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] n={r['num']}"
+
+
+def _complement(r: dict | None) -> dict | None:
+    """The rate of the opposite outcome, with its Wilson CI (the Wilson interval of 1 - p is 1 minus the
+    interval of p, ends swapped)."""
+    if not r or r.get("rate") is None:
+        return None
+    return r | {"rate": 1 - r["rate"], "ci_low": 1 - r["ci_high"], "ci_high": 1 - r["ci_low"]}
 
 
 def _score(s: dict | None) -> str:
@@ -30,6 +41,16 @@ def _judges(groups: list[dict]) -> tuple[str, bool]:
 def harmful_sets(metrics: dict[str, dict]) -> list[str]:
     """Datasets with harmful prompts in some model's metrics (an unsafe rate is defined)."""
     return sorted({name for m in metrics.values() for name, g in m["datasets"].items() if g["unsafe"]["num"]})
+
+
+def safe_sets(metrics: dict[str, dict]) -> list[str]:
+    """Datasets of safe prompts only (harmful=false, e.g. xstest-safe, mt-bench): no model has a judged
+    harmful row in them, and their stats carry ``over_refusal`` (metrics written since over-refusal was
+    measured; earlier metrics have no safe-set rows)."""
+    names = {name for m in metrics.values() for name, g in m["datasets"].items() if "over_refusal" in g}
+    return sorted(name for name in names
+                  if all(m["datasets"][name]["unsafe"]["num"] == 0 for m in metrics.values()
+                         if name in m["datasets"]))
 
 
 def pooled_row(metrics: dict[str, dict]) -> bool:
@@ -57,6 +78,19 @@ def table1(evaluation: Eval) -> str:
                      [_score(m["datasets"].get(name, {}).get("score")) for m in metrics.values()]))
     rows.append(("reset % on harmful prompts", [_pct(m.get("reset_rate_harmful")) for m in metrics.values()]))
     rows.append(("reset % on safe prompts", [_pct(m.get("reset_rate_safe")) for m in metrics.values()]))
+    safe = safe_sets(metrics)
+    for name in safe:
+        groups = [m["datasets"].get(name, {}) for m in metrics.values()]
+        rows.append((f"over-refusal % {name}", [_pct(g.get("over_refusal")) for g in groups]))
+        rows.append((f"reset % {name}", [_pct(g.get("reset")) for g in groups]))
+    if len(safe) > 1:
+        rows.append(("over-refusal % on safe prompts (" + ", ".join(safe) + ")",
+                     [_pct(m.get("over_refusal_safe")) for m in metrics.values()]))
+    proxy = [name for name in safe if name in HELPFULNESS_PROXY_SETS]
+    for name in proxy:
+        rows.append((f"helpfulness proxy: answered % {name}",
+                     [_pct(_complement(m["datasets"].get(name, {}).get("over_refusal")))
+                      for m in metrics.values()]))
     for k in sorted({int(k) for m in metrics.values() for k in (m.get("worst_of_k") or {})}):
         cells = []
         for m in metrics.values():
@@ -79,6 +113,15 @@ def table1(evaluation: Eval) -> str:
               "first k sampled answers is. Percent with its Wilson 95% CI in brackets and n the judged "
               "rows (prompts for worst-of-k). Helpfulness: the judge's mean score on the set's prompts, "
               "with its 95% CI."]
+    if safe:
+        lines.append("Over-refusal % <set>: answers to that set's safe prompts (harmful=false) which the "
+                     "refusal judge (its judge row) called a refusal; reset % <set>: answers to them in "
+                     "which the model emitted [RESET], each a needless reset.")
+    if proxy:
+        lines.append("Helpfulness proxy: answered % " + ", ".join(proxy) + " = 100 - over-refusal % on it: "
+                     "the share of MT-Bench first turns the refusal judge did not call a refusal. It is a "
+                     "proxy, not a grade: no LLM judge is reachable here to score the answers' quality, so "
+                     "it measures that the model answers benign requests, not how well.")
     if any_stand_in:
         lines.append("Judges marked (stand-in) are not the paper's judge: their numbers show the method "
                      "works end to end, and are not comparable to the paper's.")
