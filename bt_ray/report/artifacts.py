@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 
 ARTIFACT_PATH = "report"
-# ![title](relative/path.png): how bt_ray.report links its images
-_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+\.png)\)")
+# ![title](relative/path.png): how bt_ray.report links its images (a title may hold brackets: [RESET])
+_IMAGE = re.compile(r"!\[.*?\]\(([^)\s]+\.png)\)")
 
 
 def referenced_pngs(report: Path) -> list[Path]:

@@ -79,9 +79,9 @@ def calibration(cal: Calibration, out_dir: Path, image) -> str:
                   f"- chosen b: **{_bias(b)}** ({res.get('status', 'no status recorded')}; "
                   f"{res.get('num_probes', len(res['probes']))} probes)", "",
                   "Probes (reset rate on the dev set, % with Wilson 95% CI):", ""]
-        lines += _table(["b", "dev reset %", "n"], [
-            [_bias(p["reset_bias"]) + (" (chosen)" if p["reset_bias"] == b else ""), _probe_rate(p),
-             str(p["num"])] for p in sorted(res["probes"], key=lambda p: p["reset_bias"])])
+        lines += _table(["b", "dev reset % [95% CI] n"], [
+            [_bias(p["reset_bias"]) + (" (chosen)" if p["reset_bias"] == b else ""), _probe_rate(p)]
+            for p in sorted(res["probes"], key=lambda p: p["reset_bias"])])
         rows = _point_rows(res, cal.report_metrics.get(label, {}))
         lines += ["", f"At b=0 and at the chosen b ({_bias(b)}):", ""]
         lines += _table(["", "b=0", f"b={_bias(b)}"], [[key, *cells] for key, cells in rows])
