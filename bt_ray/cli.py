@@ -25,7 +25,7 @@ JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
 JOB_COMMANDS = {
     "demo": "demo.py", "sft": "sft.py", "dpo": "dpo.py", "eval": "eval.py", "serve": "serve.py",
     "attack": "attack.py", "sweep": "sweep.py", "report": "report.py",
-    "pipeline": "pipeline.py", "onpolicy": "onpolicy.py",
+    "pipeline": "pipeline.py", "onpolicy": "onpolicy.py", "calibrate": "calibrate.py",
 }
 # Jobs whose arguments are not ``--config`` and overrides.
 JOB_HELP = {"report": "write RUN_DIR/report.md with PNG plots (jobs/report.py; takes RUN_DIR [--out DIR])"}

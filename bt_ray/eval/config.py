@@ -208,6 +208,9 @@ class DatasetCfg:
     """Field whose value groups prompts into clusters for cluster-aware intervals: category, or a key of
     the prompt's meta; null: meta.cluster when the prompt has it (the synthetic world's (template,
     task)), else each prompt is its own cluster."""
+    harmful: bool | None = None
+    """Keep only prompts with this harmful flag (false: the safe prompts, e.g. a calibration dev set),
+    before ``limit``; null: all."""
     part: str | None = None
     """A seeded part of the set (``bt_ray.data.parts``; hh-rlhf, xstest): train, dev or test, by a stable
     hash of (part_seed, the first user turn); null: the whole set. Evaluate on dev/test of the file a

@@ -56,9 +56,10 @@ def load_items(cfg: EvalCfg) -> list[dict]:
     cluster are not independent draws). In order: the value of the dataset's ``cluster_by`` field
     (``category``, or a key of the prompt's ``meta``) when the config names one; else the prompt's
     ``meta["cluster"]`` (the synthetic world's "<template>|<task>"); else the prompt itself
-    (``prompt:<prompt_index>``: only the samples of one prompt are clustered). A dataset's ``part`` keeps
-    one seeded part of the set (``bt_ray.data.parts``, the same cut the training loaders make), and
-    ``max_turns`` keeps each prompt's first user turns.
+    (``prompt:<prompt_index>``: only the samples of one prompt are clustered). A dataset's ``harmful``
+    filter keeps the prompts of that flag, then ``limit`` applies. A dataset's ``part`` keeps one seeded
+    part of the set (``bt_ray.data.parts``, the same cut the training loaders make), and ``max_turns``
+    keeps each prompt's first user turns.
     """
     from bt_ray.data.parts import EmptyPartError, make_part
     from bt_ray.data.sources import load_prompts
@@ -68,13 +69,18 @@ def load_items(cfg: EvalCfg) -> list[dict]:
     for ds in cfg.datasets:
         if ds.name == "synthetic":
             prompts, _ = eval_prompts(cfg.synthetic)
-            prompts = prompts[: ds.limit] if ds.limit else prompts
-        else:
+        else:  # with a harmful filter, the limit counts the prompts it keeps
             part = make_part(ds.part, ds.part_seed, ds.part_fractions)
             try:
-                prompts, _ = load_prompts(ds.name, ds.path, limit=ds.limit, part=part)
+                prompts, _ = load_prompts(ds.name, ds.path, limit=ds.limit if ds.harmful is None else None,
+                                          part=part)
             except EmptyPartError as e:
                 raise EmptyPartError(f"datasets[{ds.name}].part: {e}") from e
+        if ds.harmful is not None:
+            prompts = [p for p in prompts if p.harmful == ds.harmful]
+            if not prompts:
+                raise ValueError(f"datasets[{ds.name}].harmful={ds.harmful}: the set has no such prompt")
+        prompts = prompts[: ds.limit] if ds.limit else prompts
         for i, p in enumerate(prompts):
             items.append({"dataset": p.dataset, "prompt_index": i, "cluster": _cluster(ds, p, i),
                           "location": p.location, "category": p.category, "harmful": p.harmful,
