@@ -26,10 +26,12 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 # Add a job's config here; the classes it nests are found by themselves.
 ROOTS: tuple[tuple[str, str, str], ...] = (
     ("Pipeline", "bt_ray.pipeline.config:PipelineCfg", "jobs/pipeline.py (make demo, bt-ray pipeline)"),
+    ("On-policy data", "bt_ray.data.onpolicy:OnPolicyCfg", "jobs/onpolicy.py (bt-ray onpolicy)"),
     ("SFT job", "bt_ray.train.config:SFTJobCfg", "jobs/sft.py (bt-ray sft)"),
     ("DPO job", "bt_ray.train.config:DPOJobCfg", "jobs/dpo.py (bt-ray dpo)"),
     ("Sweep", "bt_ray.tune.config:SweepCfg", "jobs/sweep.py (bt-ray sweep)"),
     ("Evaluation", "bt_ray.eval.config:EvalCfg", "jobs/eval.py (bt-ray eval)"),
+    ("Calibration", "bt_ray.eval.calibrate:CalibrateCfg", "jobs/calibrate.py (bt-ray calibrate)"),
     ("Attacks", "bt_ray.attacks.config:AttackJobCfg", "jobs/attack.py (bt-ray attack)"),
     ("Serving", "bt_ray.serve.config:ServeCfg", "jobs/serve.py (bt-ray serve)"),
 )
