@@ -28,7 +28,8 @@ JOB_COMMANDS = {
     "pipeline": "pipeline.py", "onpolicy": "onpolicy.py", "calibrate": "calibrate.py",
 }
 # Jobs whose arguments are not ``--config`` and overrides.
-JOB_HELP = {"report": "write RUN_DIR/report.md with PNG plots (jobs/report.py; takes RUN_DIR [--out DIR])"}
+JOB_HELP = {"report": "write RUN_DIR/report.md with PNG plots, logged to the run's MLflow parent run "
+                      "(jobs/report.py; takes RUN_DIR [--out DIR] [--no-mlflow])"}
 
 
 def _source_overrides(args) -> list[str]:
