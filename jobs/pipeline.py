@@ -12,8 +12,9 @@ A preset is jobs/configs/pipeline_<preset>.yaml (demo, smollm2-cpu, paper-gemma2
 Each stage is an ordinary job (jobs/sft.py, dpo.py, sweep.py, onpolicy.py, eval.py, calibrate.py, attack.py,
 serve.py) run in this process with its own config; a stage that completes writes
 <run_dir>/stages/<stage>.json, and a rerun with the same config skips it, so a killed run resumes at the
-stage that was running (training from its checkpoints). The terminal shows one line per stage start and end and a progress bar; each stage's
-output (Ray and vLLM worker logs included) goes to <run_dir>/logs/<stage>.log unless verbose=true.
+stage that was running (training from its checkpoints). The terminal shows one line per stage start and
+end and a progress bar; each stage's output (Ray and vLLM worker logs included) goes to
+<run_dir>/logs/<stage>.log unless verbose=true.
 Every job logs into one MLflow experiment, under one parent run per pipeline run (reopened on rerun).
 At the end: Table 1, the comparisons in plain words, and the report's path.
 """

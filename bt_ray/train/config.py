@@ -71,7 +71,7 @@ class DeepSpeedCfg:
     offload_param: bool = False
     """Keep parameters in CPU memory (ZeRO-3 only)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto = bf16 on GPU, fp32 on CPU; bf16 on CPU only where it is native (AVX512-BF16/AMX: ~1.6x faster)."""
+    """auto = bf16 on GPU, fp32 on CPU; bf16 on CPU only where native (AVX512-BF16/AMX: ~1.6x faster)."""
     overlap_comm: bool = False
     """Overlap gradient reduction with backward (useful on GPU clusters)."""
 
