@@ -98,6 +98,8 @@ def test_missing_config_file():
 def _config_classes():
     """Config class of each job, keyed by the prefix of its YAML names (sft_*.yaml -> SFTJobCfg, ...)."""
     from bt_ray.attacks.config import AttackJobCfg
+    from bt_ray.data.onpolicy import OnPolicyCfg
+    from bt_ray.eval.calibrate import CalibrateCfg
     from bt_ray.eval.config import EvalCfg
     from bt_ray.pipeline.config import PipelineCfg
     from bt_ray.serve.config import ServeCfg
@@ -105,7 +107,7 @@ def _config_classes():
     from bt_ray.tune.config import SweepCfg
 
     return {"data": DataBuildCfg, "pipeline": PipelineCfg, **JOB_CONFIGS, "eval": EvalCfg, "serve": ServeCfg,
-            "attack": AttackJobCfg, "sweep": SweepCfg}
+            "attack": AttackJobCfg, "sweep": SweepCfg, "onpolicy": OnPolicyCfg, "calibrate": CalibrateCfg}
 
 
 def test_every_yaml_under_jobs_configs_and_clusters_validates():
