@@ -74,16 +74,18 @@ def test_processor_step_by_step_equals_a_fresh_recount_and_leaves_logits_alone_w
     gen = torch.Generator().manual_seed(0)
     prompt_BT = torch.tensor([[5, 6, R], [5, 6, 1], [5, 6, 2]])  # a prompt [RESET] never counts
     steps_TB = torch.tensor([[1, 2, 3], [R, 4, 5], [6, 7, R], [R, 8, 9], [1, R, 2], [3, 4, 5]])
-    for max_resets in (1, 2, None):
-        live = ResetLogitsProcessor(R, max_resets=max_resets, prompt_length=3)
+    limits = ((1, None), (2, None), (None, None), (None, 2), (2, 3), ([1, None, 2], [None, 1, 3]))
+    for max_resets, window in limits:  # the windowed ones also count ids since the last reset
+        live = ResetLogitsProcessor(R, max_resets=max_resets, window=window, prompt_length=3)
         ids_BT = prompt_BT
         for new_B in steps_TB:
             scores_BV = torch.randn(3, 120, generator=gen)
             before_BV = scores_BV.clone()
-            fresh = ResetLogitsProcessor(R, max_resets=max_resets, prompt_length=3)(ids_BT, scores_BV)
+            fresh = ResetLogitsProcessor(R, max_resets=max_resets, window=window, prompt_length=3)(
+                ids_BT, scores_BV)
             got = live(ids_BT, scores_BV)
             assert torch.equal(got, fresh)
-            if max_resets is None or not torch.isinf(got[:, R]).any():
+            if not torch.isinf(got[:, R]).any():
                 assert got is scores_BV  # bias 0 and nobody blocked: the logits are not copied
             assert torch.equal(scores_BV, before_BV)  # never modified in place
             ids_BT = torch.cat([ids_BT, new_B[:, None]], dim=1)
