@@ -369,3 +369,61 @@ def lineage_tags(model_name: str) -> dict[str, str]:
                     TAG_TRAIN_TRACKING_URI: meta.get("mlflow_tracking_uri")}
         tags |= {k: str(v) for k, v in recorded.items() if v}
     return tags
+
+
+# ---------------------------------------------------------------- jobs over several models
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRuns:
+    """The MLflow runs of a job that works on several models (eval, calibrate, attack).
+
+    One run per model, tagged with the stage, the model and its ``lineage_tags``, under an optional
+    parent run of the job; under the pipeline's run in a pipeline. Every run carries a reuse key made
+    of ``key`` (the job's run dir and role), so a rerun in the same run dir reopens its runs instead
+    of duplicating them.
+
+    Attributes:
+        tracking_uri: the store (``resolve_tracking_uri(None, run_dir)``).
+        experiment: the job's experiment (``experiment_name(cfg, "mlflow_experiment")``).
+        artifact_dir: ``<run dir>/mlflow-artifacts``.
+        key: reuse key of the parent run; a model's run gets ``<key>:<label>``.
+        tags: tags of every run (stage, git sha, and what the job adds).
+        params: the flattened resolved config, logged by each model's run with its name and label.
+    """
+
+    tracking_uri: str
+    experiment: str
+    artifact_dir: Path
+    key: str
+    tags: dict[str, str]
+    params: dict[str, str]
+
+    @classmethod
+    def of(cls, cfg: Any, run_dir: Path, stage: str, *, role: str = "",
+           tags: dict[str, str] | None = None) -> ModelRuns:
+        """The runs of ``cfg``'s job writing to ``run_dir``; ``role`` tells apart jobs sharing a run
+        dir (an attack's kind). Prints where the store is."""
+        from bt_ray import config
+
+        uri = resolve_tracking_uri(None, run_dir)
+        experiment = experiment_name(cfg, "mlflow_experiment")  # or the pipeline's
+        print(f"-- MLflow store {uri}, experiment {experiment} (mlflow ui --backend-store-uri {uri})")
+        key = f"{stage}:{Path(run_dir).resolve()}" + (f":{role}" if role else "")
+        params = {k: str(v)[:500] for k, v in config.flatten(config.to_dict(cfg)).items()}
+        return cls(uri, experiment, Path(run_dir) / "mlflow-artifacts", key,
+                   {"stage": stage, "git_sha": config.git_sha()} | (tags or {}), params)
+
+    def parent(self, run_name: str) -> Run:
+        """The job's run, parent of the models' runs."""
+        return Run.start(self.tracking_uri, self.experiment, run_name, self.artifact_dir, tags=self.tags,
+                         reuse_key=self.key)
+
+    def model(self, label: str, name: str, parent: Run | None, run_name: str | None = None) -> Run:
+        """One model's run (named ``run_name``, else its label), a child of ``parent``."""
+        return Run.start(self.tracking_uri, self.experiment, run_name or label, self.artifact_dir,
+                         parent=parent, tags=self.tags | {"model": name} | lineage_tags(name),
+                         reuse_key=f"{self.key}:{label}")
+
+    def model_params(self, label: str, name: str) -> dict[str, str]:
+        return self.params | {"model.name": name, "model.label": label}

@@ -74,17 +74,12 @@ def main(cfg: AttackJobCfg) -> dict:
           f"{len(labels)} models")
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False, log_to_driver=False)
-    uri = tracking.resolve_tracking_uri(None, run_dir)
     # under the pipeline's run in a pipeline; a rerun there reuses the runs (keyed by run dir, attack, label)
-    store = dict(tracking_uri=uri, experiment=tracking.experiment_name(cfg, "mlflow_experiment"),
-                 artifact_dir=run_dir / "mlflow-artifacts")
-    key = f"attack:{run_dir.resolve()}:{kind}"
+    tracked = tracking.ModelRuns.of(cfg, run_dir, "attack", role=kind, tags={"attack": kind})
     synthetic_judge = cfg.behaviours.dataset == "synthetic" and cfg.judge.synthetic_exact
-    params = {k: str(v)[:500] for k, v in config.flatten(config.to_dict(cfg)).items()}
-    tags = {"stage": "attack", "attack": kind, "git_sha": config.git_sha()}
     summaries = {}
-    with tracking.Run.start(**store, run_name=f"attack:{kind}", tags=tags, reuse_key=key) as parent:
-        parent.log_params(params)
+    with tracked.parent(f"attack:{kind}") as parent:
+        parent.log_params(tracked.params)
         for label, name in zip(labels, cfg.models):
             out = run_dir / label / kind
             results = ResultStore(out / "results.jsonl")
@@ -92,10 +87,8 @@ def main(cfg: AttackJobCfg) -> dict:
                 print(f"-- {label}: {len(results.done)} of {len(behaviours)} behaviours already done "
                       "(skipped)")
             model = dataclasses.replace(cfg.model, name=name)
-            with tracking.Run.start(**store, run_name=f"{kind}:{label}", parent=parent,
-                                    tags=tags | {"model": name} | tracking.lineage_tags(name),
-                                    reuse_key=f"{key}:{label}") as run:
-                run.log_params(params | {"model.name": name, "model.label": label})
+            with tracked.model(label, name, parent, run_name=f"{kind}:{label}") as run:
+                run.log_params(tracked.model_params(label, name))
                 run_attack(model, label, cfg.attack, behaviours, cfg.decode, cfg.judge, synthetic_judge,
                            results)
                 summary = summarize(results.rows())
@@ -126,7 +119,7 @@ def main(cfg: AttackJobCfg) -> dict:
                "table2": str(run_dir / "table2.md"),
                "paired": {f"{a} - {b}": d for (a, b), d in diffs.items()},
                "prefill_curve": str(curve) if curve else None,
-               "mlflow": {"tracking_uri": uri, "parent_run_id": parent.run_id}}
+               "mlflow": {"tracking_uri": tracked.tracking_uri, "parent_run_id": parent.run_id}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"== done: {run_dir / 'summary.json'}")
     return summary

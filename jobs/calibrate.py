@@ -63,25 +63,14 @@ def main(cfg: CalibrateCfg) -> dict:
             check_synthetic_world(name, cfg.synthetic)
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
-    uri = tracking.resolve_tracking_uri(None, run_dir)
-    experiment = tracking.experiment_name(cfg, "mlflow_experiment")
-    print(f"-- MLflow store {uri}, experiment {experiment} (mlflow ui --backend-store-uri {uri})")
-    params = {k: str(v)[:500] for k, v in config.flatten(config.to_dict(cfg)).items()}
-    params["engine.resolved"] = engine
-
-    store = dict(tracking_uri=uri, experiment=experiment, artifact_dir=run_dir / "mlflow-artifacts")
-    key = f"calibrate:{run_dir.resolve()}"
-    tags = {"stage": "calibrate", "git_sha": config.git_sha()}
+    tracked = tracking.ModelRuns.of(cfg, run_dir, "calibrate")
     with contextlib.ExitStack() as stack:
         parent = None
         if len(labels) > 1:
-            parent = stack.enter_context(
-                tracking.Run.start(**store, run_name=f"calibrate:{run_dir.name}", tags=tags, reuse_key=key))
+            parent = stack.enter_context(tracked.parent(f"calibrate:{run_dir.name}"))
         # One run per model, open during the search, so a failure marks them FAILED.
-        runs = {label: stack.enter_context(tracking.Run.start(
-            **store, run_name=label, parent=parent, reuse_key=f"{key}:{label}",
-            tags=tags | {"model": name} | tracking.lineage_tags(name)))
-            for label, name in zip(labels, cfg.models)}
+        runs = {label: stack.enter_context(tracked.model(label, name, parent))
+                for label, name in zip(labels, cfg.models)}
         t0 = time.perf_counter()
         results = calibrate(cfg, labels)
         print(f"-- searched and reported in {time.perf_counter() - t0:.0f}s")
@@ -93,14 +82,14 @@ def main(cfg: CalibrateCfg) -> dict:
                    "models": results}
         png = plot_calibration(results, cfg.target_reset_rate, run_dir / "calibration.png")
         out = run_dir / "calibration.json"
-        summary |= {"mlflow": {"tracking_uri": uri, "experiment": experiment,
+        summary |= {"mlflow": {"tracking_uri": tracked.tracking_uri, "experiment": tracked.experiment,
                                "parent_run_id": parent.run_id if parent else None,
                                "run_ids": {label: run.run_id for label, run in runs.items()}},
                     "figures": [str(png)]}
         out.write_text(json.dumps(summary, indent=2))
         for label, run in runs.items():
             res = results[label]
-            run.log_params(params | {"model.name": res["model"], "model.label": label})
+            run.log_params(tracked.model_params(label, res["model"]) | {"engine.resolved": engine})
             for i, p in enumerate(res["probes"]):  # sorted by b: the curve, step by step
                 run.log_metrics({"probe.reset_bias": p["reset_bias"], "probe.dev_reset_rate": p["reset_rate"],
                                  "probe.num": p["num"]}, step=i)

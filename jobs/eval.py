@@ -132,26 +132,17 @@ def main(cfg: EvalCfg) -> dict:
             check_synthetic_world(name, cfg.synthetic)
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
-    uri = tracking.resolve_tracking_uri(None, run_dir)
-    experiment = tracking.experiment_name(cfg, "mlflow_experiment")  # or the pipeline's
-    print(f"-- MLflow store {uri}, experiment {experiment} (mlflow ui --backend-store-uri {uri})")
+    tracked = tracking.ModelRuns.of(cfg, run_dir, "eval")
     items = load_items(cfg)
     print(f"-- {len(items)} prompts: " + ", ".join(f"{d.name}" + (f"[:{d.limit}]" if d.limit else "")
                                                   for d in cfg.datasets))
-    params = {k: str(v)[:500] for k, v in config.flatten(config.to_dict(cfg)).items()}
-    params["engine.resolved"] = engine
-
     results, sweeps, run_ids = {}, {}, {}
     # One run per model, under one parent run when there are several (and under the pipeline's run in a
     # pipeline); each ends FAILED if it raises, and a rerun there reuses them (keyed by run dir and label).
-    store = dict(tracking_uri=uri, experiment=experiment, artifact_dir=run_dir / "mlflow-artifacts")
-    key = f"eval:{run_dir.resolve()}"
-    tags = {"stage": "eval", "git_sha": config.git_sha()}
     with contextlib.ExitStack() as stack:
         parent = None
         if len(labels) > 1:
-            parent = stack.enter_context(
-                tracking.Run.start(**store, run_name=f"eval:{run_dir.name}", tags=tags, reuse_key=key))
+            parent = stack.enter_context(tracked.parent(f"eval:{run_dir.name}"))
         passes = passes_of(cfg, labels, items)
         t0 = time.perf_counter()
         print(f"-- {len(passes)} passes ({len(labels)} models), {sum(len(p.rows) for p in passes)} rows: "
@@ -159,10 +150,8 @@ def main(cfg: EvalCfg) -> dict:
         done = run_passes(passes, engine=cfg.engine, judge=cfg.judge)
         print(f"-- generated and judged in {time.perf_counter() - t0:.0f}s")
         for label, name in zip(labels, cfg.models):
-            lineage = tracking.lineage_tags(name)  # the model dir and the training run that made it
-            with tracking.Run.start(**store, run_name=label, parent=parent, reuse_key=f"{key}:{label}",
-                                    tags=tags | {"model": name} | lineage) as run:
-                run.log_params(params | {"model.name": name, "model.label": label})
+            with tracked.model(label, name, parent) as run:  # tagged with the model's lineage
+                run.log_params(tracked.model_params(label, name) | {"engine.resolved": engine})
                 metrics, sweep = write_one(cfg, label, name, run_dir / label, done)
                 run.log_metrics(flat_metrics(metrics))
                 for i, point in enumerate(sweep):
@@ -196,7 +185,7 @@ def main(cfg: EvalCfg) -> dict:
         "models": {label: {"name": name, "rows": str(run_dir / label / "main" / "rows.jsonl"),
                            "metrics": results[label], "mlflow_run_id": run_ids[label]}
                    for label, name in zip(labels, cfg.models)},
-        "mlflow": {"tracking_uri": uri, "experiment": experiment,
+        "mlflow": {"tracking_uri": tracked.tracking_uri, "experiment": tracked.experiment,
                    "parent_run_id": parent.run_id if parent else None},
         "figures": figures,
         "table": table,
