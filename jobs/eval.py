@@ -102,7 +102,7 @@ def compare_keys_of(cfg: EvalCfg) -> list[str]:
     """``compare_keys``, or by default every dataset, pooled (with 2+ pooled sets), every worst-of-K."""
     if cfg.compare_keys:
         return list(cfg.compare_keys)
-    names = list(dict.fromkeys(d.name for d in cfg.datasets))
+    names = list(cfg.row_datasets())  # XSTest's halves by their rows' names, as the metrics key them
     pooled = ["pooled"] if len(set(names) & set(POOLED_SAFETY_SETS)) > 1 else []
     return names + pooled + [f"worst-of-{k}" for k in cfg.worst_of_k]
 

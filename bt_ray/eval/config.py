@@ -15,6 +15,18 @@ EVAL_DATASETS = (
     "q-harm", "mt-bench", "xstest",
 )
 
+ROW_DATASETS = {
+    "xstest": {True: ("xstest-unsafe",), False: ("xstest-safe",), None: ("xstest-unsafe", "xstest-safe")},
+}
+"""The ``dataset`` names rows carry where a source names its halves apart (XSTest's unsafe contrast
+prompts and safe prompts: ``bt_ray.data.sources.xstest``), by the dataset's ``harmful`` filter."""
+
+
+def row_datasets(name: str, harmful: bool | None) -> tuple[str, ...]:
+    """The ``dataset`` names of the rows an eval dataset entry gives: its name, or its halves'."""
+    halves = ROW_DATASETS.get(name)
+    return halves[harmful] if halves else (name,)
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DecodeCfg:
@@ -273,14 +285,19 @@ class EvalCfg:
     """Pairs of labels (baseline, backtrack) compared on the same prompts: paired and cluster-aware
     differences of unsafe rates in summary.json's comparisons; empty: none."""
     compare_keys: tuple[str, ...] = ()
-    """What each pair is compared on: dataset names, pooled, worst-of-K; empty: every dataset, pooled
-    (when two or more pooled safety sets are evaluated) and every worst-of-k."""
+    """What each pair is compared on: the names rows carry (a dataset's name; XSTest's halves are
+    xstest-safe and xstest-unsafe), pooled, worst-of-K; empty: every dataset, pooled (when two or more
+    pooled safety sets are evaluated) and every worst-of-k."""
     max_error_fraction: float = 0.01
     """The eval fails, naming the engine or judge, when more than this fraction of a run's rows errored."""
     bootstrap_resamples: int = 2000
     """Resamples of the cluster bootstrap (rates and paired differences)."""
     bootstrap_seed: int = 0
     """Seed of the cluster bootstrap."""
+
+    def row_datasets(self) -> tuple[str, ...]:
+        """The ``dataset`` names this eval's rows carry, in config order (XSTest's halves apart)."""
+        return tuple(dict.fromkeys(n for d in self.datasets for n in row_datasets(d.name, d.harmful)))
 
     def __post_init__(self):
         check(self, [
@@ -295,9 +312,10 @@ class EvalCfg:
             ("compare", all(len(set(p)) == 2 and set(p) <= set(self.labels or _dir_labels(self.models))
                             for p in self.compare),
              "must hold pairs of two distinct model labels (baseline, backtrack)"),
-            ("compare_keys", all(k == "pooled" or k in {d.name for d in self.datasets}
-                                 or _worst_key(k, self.worst_of_k) for k in self.compare_keys),
-             "must name datasets of this config, pooled, or worst-of-K with K in worst_of_k"),
+            ("compare_keys", all(k == "pooled" or k in self.row_datasets() or _worst_key(k, self.worst_of_k)
+                                 for k in self.compare_keys),
+             f"must name datasets of this config's rows ({', '.join(self.row_datasets())}), pooled, or "
+             "worst-of-K with K in worst_of_k"),
             ("max_error_fraction", 0 <= self.max_error_fraction <= 1, "must be in [0, 1]"),
             ("bootstrap_resamples", self.bootstrap_resamples >= 100, "must be >= 100"),
         ])
