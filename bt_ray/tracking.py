@@ -400,19 +400,19 @@ class ModelRuns:
     params: dict[str, str]
 
     @classmethod
-    def of(cls, cfg: Any, run_dir: Path, stage: str, *, role: str = "",
-           tags: dict[str, str] | None = None) -> ModelRuns:
+    def of(cls, cfg: Any, run_dir: Path, stage: str, *, role: str = "", tags: dict[str, str] | None = None,
+           params: dict[str, str] | None = None) -> ModelRuns:
         """The runs of ``cfg``'s job writing to ``run_dir``; ``role`` tells apart jobs sharing a run
-        dir (an attack's kind). Prints where the store is."""
+        dir (an attack's kind); ``params`` are logged beside the config's. Prints where the store is."""
         from bt_ray import config
 
         uri = resolve_tracking_uri(None, run_dir)
         experiment = experiment_name(cfg, "mlflow_experiment")  # or the pipeline's
         print(f"-- MLflow store {uri}, experiment {experiment} (mlflow ui --backend-store-uri {uri})")
         key = f"{stage}:{Path(run_dir).resolve()}" + (f":{role}" if role else "")
-        params = {k: str(v)[:500] for k, v in config.flatten(config.to_dict(cfg)).items()}
+        flat = {k: str(v)[:500] for k, v in config.flatten(config.to_dict(cfg)).items()}
         return cls(uri, experiment, Path(run_dir) / "mlflow-artifacts", key,
-                   {"stage": stage, "git_sha": config.git_sha()} | (tags or {}), params)
+                   {"stage": stage, "git_sha": config.git_sha()} | (tags or {}), flat | (params or {}))
 
     def parent(self, run_name: str) -> Run:
         """The job's run, parent of the models' runs."""

@@ -63,7 +63,7 @@ def main(cfg: CalibrateCfg) -> dict:
             check_synthetic_world(name, cfg.synthetic)
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
-    tracked = tracking.ModelRuns.of(cfg, run_dir, "calibrate")
+    tracked = tracking.ModelRuns.of(cfg, run_dir, "calibrate", params={"engine.resolved": engine})
     with contextlib.ExitStack() as stack:
         parent = None
         if len(labels) > 1:
@@ -89,7 +89,7 @@ def main(cfg: CalibrateCfg) -> dict:
         out.write_text(json.dumps(summary, indent=2))
         for label, run in runs.items():
             res = results[label]
-            run.log_params(tracked.model_params(label, res["model"]) | {"engine.resolved": engine})
+            run.log_params(tracked.model_params(label, res["model"]))
             for i, p in enumerate(res["probes"]):  # sorted by b: the curve, step by step
                 run.log_metrics({"probe.reset_bias": p["reset_bias"], "probe.dev_reset_rate": p["reset_rate"],
                                  "probe.num": p["num"]}, step=i)

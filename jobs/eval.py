@@ -132,7 +132,7 @@ def main(cfg: EvalCfg) -> dict:
             check_synthetic_world(name, cfg.synthetic)
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
-    tracked = tracking.ModelRuns.of(cfg, run_dir, "eval")
+    tracked = tracking.ModelRuns.of(cfg, run_dir, "eval", params={"engine.resolved": engine})
     items = load_items(cfg)
     print(f"-- {len(items)} prompts: " + ", ".join(f"{d.name}" + (f"[:{d.limit}]" if d.limit else "")
                                                   for d in cfg.datasets))
@@ -151,7 +151,7 @@ def main(cfg: EvalCfg) -> dict:
         print(f"-- generated and judged in {time.perf_counter() - t0:.0f}s")
         for label, name in zip(labels, cfg.models):
             with tracked.model(label, name, parent) as run:  # tagged with the model's lineage
-                run.log_params(tracked.model_params(label, name) | {"engine.resolved": engine})
+                run.log_params(tracked.model_params(label, name))
                 metrics, sweep = write_one(cfg, label, name, run_dir / label, done)
                 run.log_metrics(flat_metrics(metrics))
                 for i, point in enumerate(sweep):

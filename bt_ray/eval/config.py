@@ -7,6 +7,7 @@ from typing import Literal
 
 from bt_ray.config import check
 from bt_ray.data.parts import DEFAULT_FRACTIONS, PARTED_SOURCES, part_checks
+from bt_ray.data.sources.xstest import XSTEST_DATASETS
 from bt_ray.data.synthetic import SyntheticWorldCfg
 from bt_ray.models import ModelCfg
 
@@ -15,17 +16,18 @@ EVAL_DATASETS = (
     "q-harm", "mt-bench", "xstest",
 )
 
-ROW_DATASETS = {
-    "xstest": {True: ("xstest-unsafe",), False: ("xstest-safe",), None: ("xstest-unsafe", "xstest-safe")},
-}
-"""The ``dataset`` names rows carry where a source names its halves apart (XSTest's unsafe contrast
-prompts and safe prompts: ``bt_ray.data.sources.xstest``), by the dataset's ``harmful`` filter."""
+ROW_DATASETS = {"xstest": XSTEST_DATASETS}
+"""Where a source names its halves apart (XSTest's unsafe contrast prompts and safe prompts): the
+``dataset`` name its rows carry, by their ``harmful`` flag."""
 
 
 def row_datasets(name: str, harmful: bool | None) -> tuple[str, ...]:
-    """The ``dataset`` names of the rows an eval dataset entry gives: its name, or its halves'."""
+    """The ``dataset`` names of the rows an eval dataset entry gives: its name, or those of the halves
+    its ``harmful`` filter keeps."""
     halves = ROW_DATASETS.get(name)
-    return halves[harmful] if halves else (name,)
+    if halves is None:
+        return (name,)
+    return tuple(halves.values()) if harmful is None else (halves[harmful],)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

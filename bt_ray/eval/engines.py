@@ -130,29 +130,29 @@ class _StepTimer:
 
     def __init__(self, start: float, prompt_length: int, max_new_tokens: list[int],
                  on_step: Callable[[list[int]], list[bool] | None] | None = None):
-        import torch
-
         self.start = start
         self.prompt_length = prompt_length
         self.max_new_tokens = max_new_tokens
         self.on_step = on_step
         self.times: list[float] = []
-        # One shared "no row ends here" answer when every row has the batch's limit (transformers
-        # ends the batch at max_new_tokens itself) and no hook can end a row: no tensor per step.
-        self._never = None if on_step is not None or len(set(max_new_tokens)) > 1 else \
-            torch.zeros(len(max_new_tokens), dtype=torch.bool)
+        # When every row has the batch's limit (transformers ends the batch at max_new_tokens itself)
+        # and no hook can end a row, every step answers with one shared all-False tensor.
+        self._rows_can_end = on_step is not None or len(set(max_new_tokens)) > 1
+        self._never = None
 
     def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
         self.times.append(time.perf_counter() - self.start)
-        if self._never is not None and self._never.device == input_ids.device:
+        if not self._rows_can_end:
+            if self._never is None:
+                self._never = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             return self._never
         ended = self.on_step(input_ids[:, -1].tolist()) if self.on_step is not None else None
         generated = input_ids.shape[1] - self.prompt_length
         done = [generated >= m for m in self.max_new_tokens]
         if ended is not None:
             done = [a or b for a, b in zip(done, ended)]
-        import torch
-
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 

@@ -22,6 +22,8 @@ _XSTEST = _Source(
 )
 _XSTEST_COLUMNS = ("id", "prompt", "type", "label", "focus", "note")
 _XSTEST_LABELS = {"safe": False, "unsafe": True}
+XSTEST_DATASETS = {True: "xstest-unsafe", False: "xstest-safe"}
+"""The ``dataset`` name of a row, by its prompt's ``harmful`` flag (eval keys its metrics by it)."""
 
 
 def _xstest_prompt(row: dict, where: _Where) -> PromptExample:
@@ -31,7 +33,7 @@ def _xstest_prompt(row: dict, where: _Where) -> PromptExample:
     # Rows name their half: the safe prompts and the contrast prompts are two sets with different
     # metrics (over-refusal vs unsafe rate), so one eval can hold both without mixing their tables.
     return PromptExample(
-        dataset=f"xstest-{label}",
+        dataset=XSTEST_DATASETS[_XSTEST_LABELS[label]],
         location=where.location,
         turns=(_get_str(row, "prompt", where),),
         category=_get_str(row, "type", where),
