@@ -35,7 +35,9 @@ def _score(s: dict | None) -> str:
 def _judges(groups: list[dict]) -> tuple[str, bool]:
     judges = sorted({j for g in groups for j in g.get("judges", [])})
     stand_in = any(g.get("stand_in") for g in groups)
-    return (", ".join(judges) or "not recorded") + (" (stand-in)" if stand_in else ""), stand_in
+    text = ", ".join(judges) or "not recorded"
+    # A stand-in judge's own name usually says so ("refusal-prefix (stand-in)"): label it once.
+    return text + (" (stand-in)" if stand_in and "stand-in" not in text else ""), stand_in
 
 
 def harmful_sets(metrics: dict[str, dict]) -> list[str]:

@@ -273,6 +273,10 @@ def test_judges_are_named_and_stand_ins_labelled(full_run):
     assert "Judges marked (stand-in) are not the paper's judge" in report
     table2 = report.split("## Table 2")[1].split("## Plots")[0]
     assert "judged unsafe by keyword (a STAND-IN judge" in table2
+    # A stand-in that says so in its own name is labelled once, not twice.
+    from bt_ray.report.markdown import _judges
+    named = {"judges": ["refusal-classifier (stand-in)"], "stand_in": True}
+    assert _judges([named]) == ("refusal-classifier (stand-in)", True)
 
 
 def test_table2_and_attack_differences(full_run):
