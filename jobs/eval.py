@@ -114,7 +114,11 @@ def comparisons(cfg: EvalCfg, run_dir: Path) -> list[dict]:
         rows[label] = {"main": read_rows(run_dir / label / "main" / "rows.jsonl")}
         if cfg.worst_of_k:
             rows[label]["worst_of_k"] = read_rows(run_dir / label / "worst_of_k" / "rows.jsonl")
-    return compare_pairs(rows, cfg.compare, compare_keys_of(cfg), num_resamples=cfg.bootstrap_resamples,
+    keys = compare_keys_of(cfg)
+    if not cfg.compare_keys:  # by default, not the sets of safe prompts only: no unsafe rate to compare
+        harmful = {r["dataset"] for by_pass in rows.values() for r in by_pass["main"] if r["harmful"]}
+        keys = [k for k in keys if k not in cfg.row_datasets() or k in harmful]
+    return compare_pairs(rows, cfg.compare, keys, num_resamples=cfg.bootstrap_resamples,
                          seed=cfg.bootstrap_seed)
 
 

@@ -288,8 +288,9 @@ class EvalCfg:
     differences of unsafe rates in summary.json's comparisons; empty: none."""
     compare_keys: tuple[str, ...] = ()
     """What each pair is compared on: the names rows carry (a dataset's name; XSTest's halves are
-    xstest-safe and xstest-unsafe), pooled, worst-of-K; empty: every dataset, pooled (when two or more
-    pooled safety sets are evaluated) and every worst-of-k."""
+    xstest-safe and xstest-unsafe), pooled, worst-of-K; empty: every dataset with harmful prompts (a
+    set of safe prompts only, such as mt-bench, has no unsafe rate to compare), pooled (when two or
+    more pooled safety sets are evaluated) and every worst-of-k."""
     max_error_fraction: float = 0.01
     """The eval fails, naming the engine or judge, when more than this fraction of a run's rows errored."""
     bootstrap_resamples: int = 2000

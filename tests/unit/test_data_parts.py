@@ -273,6 +273,31 @@ def test_xstest_rows_carry_the_names_eval_compares_them_by(tmp_path):
     assert EvalCfg(datasets=(DatasetCfg(name="xstest"),), compare_keys=("xstest-safe",)).compare_keys
 
 
+def test_default_comparisons_skip_sets_of_safe_prompts_only(tmp_path):
+    """By default XSTest's harmful half is compared and its safe half is not (no unsafe rate to
+    compare there, so it would only print "0 pairs"); a key the user names is compared as asked."""
+    import importlib.util
+
+    from bt_ray.eval.pipeline import write_rows
+
+    spec = importlib.util.spec_from_file_location("eval_job", Path(__file__).parents[2] / "jobs" / "eval.py")
+    eval_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_job)
+    for label, unsafe in (("base", True), ("bt", False)):
+        (tmp_path / label / "main").mkdir(parents=True)
+        write_rows(tmp_path / label / "main" / "rows.jsonl", [
+            {"index": i, "dataset": f"xstest-{half}", "prompt_index": i, "sample": 0,
+             "harmful": half == "unsafe", "unsafe": unsafe if half == "unsafe" else None, "turns": [f"q{i}"]}
+            for i, half in enumerate(["unsafe"] * 4 + ["safe"] * 4)])
+    xstest = (DatasetCfg(name="xstest"),)
+    cfg = EvalCfg(models=("base", "bt"), datasets=xstest, compare=(("base", "bt"),))
+    compared = eval_job.comparisons(cfg, tmp_path)
+    assert [(c["key"], c["n"], c["difference"]) for c in compared] == [("xstest-unsafe", 4, 1.0)]
+    asked = EvalCfg(models=("base", "bt"), datasets=xstest, compare=(("base", "bt"),),
+                    compare_keys=("xstest-safe",))
+    assert [(c["key"], c["n"]) for c in eval_job.comparisons(asked, tmp_path)] == [("xstest-safe", 0)]
+
+
 def test_real_xstest(shared_datasets, monkeypatch):
     monkeypatch.setenv("BT_RAY_DATA_DIR", str(shared_datasets))
     prompts, report = load_prompts("xstest")
