@@ -1,4 +1,5 @@
-"""What the pipeline prints at the end: Table 1 (from eval's metrics) and the comparisons in plain words."""
+"""What the pipeline prints at the end: Table 1 (report.md's rows, from eval's metrics) and the comparisons
+in plain words."""
 
 from __future__ import annotations
 
@@ -8,44 +9,11 @@ from pathlib import Path
 from bt_ray.pipeline.console import Console, elapsed
 
 
-def _pct(r: dict | None) -> str:
-    if not r or r.get("rate") is None:
-        return "-"
-    return f"{100 * r['rate']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
-
-
-def _helpfulness(group: dict | None) -> str:
-    score = (group or {}).get("helpfulness") or (group or {}).get("score")
-    if not score or score.get("mean") is None:
-        return "-"
-    ci = f" [{score['ci_low']:.3f}, {score['ci_high']:.3f}]" if "ci_low" in score else ""
-    return f"{score['mean']:.3f}{ci}"
-
-
 def table1(metrics_by_model: dict[str, dict]) -> str:
-    """Per model: unsafe % per set (pooled only with several sets), helpfulness, reset % on harmful and on
-    safe prompts, unsafe % worst-of-k; [95% CI] in brackets, stand-in judges labelled."""
-    labels, models = list(metrics_by_model), list(metrics_by_model.values())
-    names = sorted({n for m in models for n in m["datasets"]})
-    rows = []
-    for name in names:
-        cells = []
-        for m in models:
-            g = m["datasets"].get(name)
-            cells.append(_pct((g or {}).get("unsafe")) + (" (stand-in)" if g and g.get("stand_in") else ""))
-        rows.append((f"unsafe % {name}", cells))
-    if len(names) > 1 and any(m.get("pooled") for m in models):
-        rows.append(("unsafe % pooled", [_pct((m.get("pooled") or {}).get("unsafe")) for m in models]))
-    for name in names:
-        cells = [_helpfulness(m["datasets"].get(name)) for m in models]
-        if any(c != "-" for c in cells):
-            rows.append((f"helpfulness {name}", cells))
-    rows.append(("reset % harmful", [_pct(m.get("reset_rate_harmful")) for m in models]))
-    rows.append(("reset % safe", [_pct(m.get("reset_rate_safe")) for m in models]))
-    for k in sorted({int(k) for m in models for k in (m.get("worst_of_k") or {})}):
-        rows.append((f"unsafe % worst-of-{k}",
-                     [_pct((m.get("worst_of_k") or {}).get(str(k), (m.get("worst_of_k") or {}).get(k)))
-                      for m in models]))
+    """Table 1 as fixed-width text: report.md's rows (``report.markdown.table1_rows``), a column per model."""
+    from bt_ray.report.markdown import table1_rows
+
+    labels, rows = list(metrics_by_model), table1_rows(metrics_by_model)
     width = max(len(k) for k, _ in rows)
     col = max(16, *(len(label) for label in labels), *(len(c) for _, cells in rows for c in cells))
     head = " " * width + " | " + " | ".join(f"{label:{col}s}" for label in labels)

@@ -61,11 +61,10 @@ def pooled_row(metrics: dict[str, dict]) -> bool:
     return len(names & set(POOLED_SAFETY_SETS)) > 1 and any(m.get("pooled") for m in metrics.values())
 
 
-def table1(evaluation: Eval) -> str:
-    """Markdown: a column per model; unsafe % per set (and pooled), helpfulness, reset % on harmful and
-    on safe prompts, worst-of-k, and the judge of each set."""
-    metrics = evaluation.metrics
-    labels = list(metrics)
+def table1_rows(metrics: dict[str, dict]) -> list[tuple[str, list[str]]]:
+    """Table 1's rows, ``(name, one cell per model)``: unsafe % per set (and pooled), helpfulness, reset %
+    on harmful and on safe prompts, over-refusal per safe set, worst-of-k, and the judge of each set.
+    report.md renders them as Markdown (``table1``), the pipeline's terminal as text, so both agree."""
     sets = harmful_sets(metrics)
     rows: list[tuple[str, list[str]]] = []
     for name in sets:
@@ -99,17 +98,21 @@ def table1(evaluation: Eval) -> str:
             by_k = m.get("worst_of_k") or {}
             cells.append(_pct(by_k.get(str(k), by_k.get(k))))
         rows.append((f"unsafe % worst-of-{k}", cells))
-    any_stand_in = False
-    all_sets = sorted({name for m in metrics.values() for name in m["datasets"]})
-    for name in all_sets:
-        cells = []
-        for m in metrics.values():
-            text, stand_in = _judges([m["datasets"][name]] if name in m["datasets"] else [])
-            any_stand_in |= stand_in
-            cells.append(text if name in m["datasets"] else "-")
-        rows.append((f"judge {name}", cells))
+    for name in sorted({name for m in metrics.values() for name in m["datasets"]}):
+        rows.append((f"judge {name}", [_judges([m["datasets"][name]])[0] if name in m["datasets"] else "-"
+                                       for m in metrics.values()]))
+    return rows
+
+
+def table1(evaluation: Eval) -> str:
+    """Markdown: a column per model (``table1_rows``), then what its rows mean."""
+    metrics = evaluation.metrics
+    labels = list(metrics)
+    safe = safe_sets(metrics)
+    proxy = [name for name in safe if name in HELPFULNESS_PROXY_SETS]
+    any_stand_in = any(g.get("stand_in") for m in metrics.values() for g in m["datasets"].values())
     lines = ["| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    lines += [f"| {key} | " + " | ".join(cells) + " |" for key, cells in rows]
+    lines += [f"| {key} | " + " | ".join(cells) + " |" for key, cells in table1_rows(metrics)]
     lines += ["", "Unsafe %: harmful prompts whose shown answer the judge called unsafe; reset %: answers "
               "in which the model emitted [RESET]; worst-of-k: a prompt counts as unsafe when any of its "
               "first k sampled answers is. Percent with its Wilson 95% CI in brackets and n the judged "

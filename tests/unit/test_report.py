@@ -265,6 +265,21 @@ def test_worst_of_k_curve_matches_the_metrics_at_the_configured_k(full_run):
             assert by_k[int(k)]["rate"] == r["rate"] and by_k[int(k)]["num"] == r["num"]
 
 
+def test_the_pipelines_terminal_table1_shows_the_reports_rows(full_run, tmp_path):
+    from bt_ray.pipeline.results import table1
+
+    report_rows = table_rows(write_report(full_run, tmp_path / "out").read_text())
+    metrics = {label: json.loads((full_run / "eval" / label / "metrics.json").read_text())
+               for label in UNSAFE_P}
+    lines = table1(metrics).splitlines()
+    assert lines[0].split() == ["|", *" | ".join(UNSAFE_P).split()]
+    text_rows = {}
+    for line in lines[2:]:
+        name, *cells = (c.strip() for c in line.split(" | "))
+        text_rows[name] = cells
+    assert text_rows == report_rows and "judge advbench" in text_rows
+
+
 def test_judges_are_named_and_stand_ins_labelled(full_run):
     report = write_report(full_run).read_text()
     rows = table_rows(report)
