@@ -98,11 +98,14 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def compare_keys_of(cfg: EvalCfg) -> list[str]:
-    """``compare_keys``, or by default every dataset, pooled (with 2+ pooled sets), every worst-of-K."""
+def compare_keys_of(cfg: EvalCfg, harmful: set[str] | None = None) -> list[str]:
+    """``compare_keys``, or by default every dataset (of those in ``harmful``, the names with harmful
+    rows, when given: a set of safe prompts only has no unsafe rate to compare), pooled (with 2+ pooled
+    sets), every worst-of-K."""
     if cfg.compare_keys:
         return list(cfg.compare_keys)
-    names = list(cfg.row_datasets())  # XSTest's halves by their rows' names, as the metrics key them
+    # XSTest's halves by their rows' names, as the metrics key them
+    names = [n for n in cfg.row_datasets() if harmful is None or n in harmful]
     pooled = ["pooled"] if len(set(names) & set(POOLED_SAFETY_SETS)) > 1 else []
     return names + pooled + [f"worst-of-{k}" for k in cfg.worst_of_k]
 
@@ -114,12 +117,9 @@ def comparisons(cfg: EvalCfg, run_dir: Path) -> list[dict]:
         rows[label] = {"main": read_rows(run_dir / label / "main" / "rows.jsonl")}
         if cfg.worst_of_k:
             rows[label]["worst_of_k"] = read_rows(run_dir / label / "worst_of_k" / "rows.jsonl")
-    keys = compare_keys_of(cfg)
-    if not cfg.compare_keys:  # by default, not the sets of safe prompts only: no unsafe rate to compare
-        harmful = {r["dataset"] for by_pass in rows.values() for r in by_pass["main"] if r["harmful"]}
-        keys = [k for k in keys if k not in cfg.row_datasets() or k in harmful]
-    return compare_pairs(rows, cfg.compare, keys, num_resamples=cfg.bootstrap_resamples,
-                         seed=cfg.bootstrap_seed)
+    harmful = {r["dataset"] for by_pass in rows.values() for r in by_pass["main"] if r["harmful"]}
+    return compare_pairs(rows, cfg.compare, compare_keys_of(cfg, harmful),
+                         num_resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)
 
 
 def main(cfg: EvalCfg) -> dict:
